@@ -1,0 +1,218 @@
+"""Typed configuration for VectorFit and Adaptive Vector Freezing (AVF).
+
+Every validation error names the field, the value it got and what to do instead, because a
+configuration mistake found at step 0 is cheap and one found after an hour of training is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+#: What each variant trains (paper section 6.3, SPEC table). ``sigma`` says on which roles the
+#: singular values are trained, ``bias`` on which roles the biases are trained.
+#: Roles: "attn" = q, k, v, o (and fused qkv, cross-attention); "mlp" = f1, f2 (gate/up/down).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sigma_attn": {"sigma": ("attn",), "bias": (), "avf": False},
+    "sigma": {"sigma": ("attn", "mlp"), "bias": (), "avf": False},
+    "sigma_attn_bias": {"sigma": ("attn",), "bias": ("attn", "mlp"), "avf": False},
+    "no_avf": {"sigma": ("attn", "mlp"), "bias": ("attn", "mlp"), "avf": False},
+    "vectorfit": {"sigma": ("attn", "mlp"), "bias": ("attn", "mlp"), "avf": True},
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _bad(field_name: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"{field_name}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class AVFConfig:
+    """Adaptive Vector Freezing schedule (paper section 3.2, appendix C).
+
+    AVF steps happen at ``start_step, start_step + interval, ...`` (``num_freezes`` of them). At each,
+    the exponential moving average of every vector's training strength is updated and the ``k``
+    vectors with the largest average are frozen; all others become trainable again.
+
+    Args:
+        k: number of vectors frozen at each AVF step (paper: 5).
+        beta: EMA factor for the training strength (paper: 0.99).
+        start_step: first AVF step t_i (optimizer steps, counted from 1). ``None``: derived from the
+            run length, see :meth:`resolve`.
+        interval: steps between AVF steps t_f. ``None``: derived (about one epoch).
+        num_freezes: number of AVF steps n_f. ``None``: derived.
+    """
+
+    k: int = 5
+    beta: float = 0.99
+    start_step: Optional[int] = None
+    interval: Optional[int] = None
+    num_freezes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise _bad("AVFConfig.k", self.k, "use a positive integer (the paper uses 5)")
+        if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) < 1.0:
+            raise _bad("AVFConfig.beta", self.beta, "use a float in [0, 1) (the paper uses 0.99)")
+        for name in ("start_step", "interval", "num_freezes"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise _bad(f"AVFConfig.{name}", v, "use a positive integer, or None to derive it from the run length")
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.start_step, self.interval, self.num_freezes)
+
+    def resolve(self, total_steps: int, steps_per_epoch: Optional[int] = None) -> "AVFConfig":
+        """Fill the fields left ``None`` from the run length (appendix C heuristics).
+
+        The paper's schedules (tables 7, 9, 11, 13) start freezing after roughly 1/3 to 1/2 of
+        training, repeat about once an epoch and freeze 4 to 27 times. We start at 40% of the run,
+        repeat once an epoch but at least 4 times in what remains (short runs have few epochs), and
+        keep every AVF step inside the run.
+
+        Args:
+            total_steps: total number of optimizer steps of the run.
+            steps_per_epoch: optimizer steps per epoch, if known.
+
+        Returns:
+            A new, fully resolved ``AVFConfig``; explicit fields are kept as they are.
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise _bad("total_steps", total_steps, "pass the run's number of optimizer steps (a positive integer)")
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise _bad("steps_per_epoch", steps_per_epoch, "pass a positive integer or None")
+        start = self.start_step if self.start_step is not None else max(1, int(round(0.4 * total_steps)))
+        remaining = max(total_steps - start, 0)
+        interval = self.interval
+        if interval is None:
+            interval = steps_per_epoch if steps_per_epoch is not None else max(1, remaining // 8)
+            interval = max(1, min(interval, remaining // 4 if remaining >= 4 else 1))
+        n = self.num_freezes
+        if n is None:
+            n = max(1, min(27, remaining // interval + 1))
+        return dataclasses.replace(self, start_step=start, interval=interval, num_freezes=n)
+
+    @classmethod
+    def for_training(cls, total_steps: int, steps_per_epoch: Optional[int] = None, **kwargs: Any) -> "AVFConfig":
+        """An ``AVFConfig`` resolved for a run of ``total_steps`` optimizer steps.
+
+        Example: ``AVFConfig.for_training(total_steps=600, steps_per_epoch=200)``.
+        """
+        return cls(**kwargs).resolve(total_steps, steps_per_epoch)
+
+    def schedule(self) -> list[int]:
+        """The AVF steps, in order. Requires a resolved config."""
+        if not self.is_resolved:
+            raise ConfigError(
+                "the AVF schedule is not resolved: set AVFConfig.start_step/interval/num_freezes, use "
+                "AVFConfig.for_training(total_steps, steps_per_epoch), or call model.avf.set_total_steps(...)"
+            )
+        return [self.start_step + i * self.interval for i in range(self.num_freezes)]  # type: ignore[operator]
+
+
+TargetSpec = Union[None, str, list]
+
+
+@dataclass
+class VectorFitConfig:
+    """What to adapt and how.
+
+    Args:
+        variant: one of ``vectorfit`` (default, the full method), ``no_avf``, ``sigma``,
+            ``sigma_attn``, ``sigma_attn_bias`` (SPEC table / paper section 6.3).
+        target_modules: ``None`` for the architecture's default (q, k, v, o, f1, f2); a list of module
+            names or dotted suffixes; a regex string (full match against the module name); or
+            ``"all-linear"`` (every Linear/Conv1D except the output head).
+        exclude_modules: names / dotted suffixes (list) or a regex (string) removed from the targets.
+        modules_to_save: new task heads trained in full and saved with the adapter (e.g.
+            ``["classifier"]``). ``None``: nothing but the vectors is trained.
+        avf: AVF schedule; only for variants with AVF. ``None`` there means the default
+            ``AVFConfig()`` whose steps are derived from the run length.
+        svd_cache: cache decompositions on disk (keyed by the weight's content).
+        cache_dir: where; ``None`` means ``$VECTORFIT_CACHE/svd`` or ``~/.cache/vectorfit/svd``.
+    """
+
+    variant: str = "vectorfit"
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    modules_to_save: Optional[list] = None
+    avf: Optional[AVFConfig] = None
+    svd_cache: bool = True
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise _bad("VectorFitConfig.variant", self.variant, f"choose one of {sorted(VARIANTS)}")
+        if isinstance(self.avf, dict):
+            self.avf = AVFConfig(**self.avf)
+        if VARIANTS[self.variant]["avf"]:
+            if self.avf is None:
+                self.avf = AVFConfig()
+            elif not isinstance(self.avf, AVFConfig):
+                raise _bad("VectorFitConfig.avf", self.avf, "pass an AVFConfig, a dict of its fields, or None")
+        elif self.avf is not None:
+            raise _bad(
+                "VectorFitConfig.avf",
+                self.avf,
+                f"variant {self.variant!r} has no Adaptive Vector Freezing; drop avf= or use variant='vectorfit'",
+            )
+        for name in ("target_modules", "exclude_modules"):
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                v = list(v)
+                setattr(self, name, v)
+            if v is None:
+                continue
+            if isinstance(v, str):
+                if v != "all-linear" or name == "exclude_modules":
+                    try:
+                        re.compile(v)
+                    except re.error as e:
+                        raise _bad(f"VectorFitConfig.{name}", v, f"not a valid regex ({e}); pass a list of names instead") from None
+            elif isinstance(v, list):
+                if not v or not all(isinstance(x, str) and x for x in v):
+                    raise _bad(f"VectorFitConfig.{name}", v, "use a non-empty list of module names, a regex string or None")
+            else:
+                raise _bad(f"VectorFitConfig.{name}", v, "use None, a list of module names, a regex string or 'all-linear'")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, (str, tuple)):
+                self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
+            if not all(isinstance(x, str) and x for x in self.modules_to_save):
+                raise _bad("VectorFitConfig.modules_to_save", self.modules_to_save, "use a list of module names, e.g. ['classifier']")
+
+    @property
+    def sigma_roles(self) -> tuple:
+        return VARIANTS[self.variant]["sigma"]
+
+    @property
+    def bias_roles(self) -> tuple:
+        return VARIANTS[self.variant]["bias"]
+
+    @property
+    def uses_avf(self) -> bool:
+        return VARIANTS[self.variant]["avf"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("cache_dir")  # machine-specific, not part of an adapter
+        d.pop("svd_cache")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VectorFitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown VectorFitConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+

@@ -1,0 +1,149 @@
+"""The VectorFit layer: a linear map kept as its thin SVD, training only singular values and bias.
+
+This file knows only torch. It does not care where the matrix came from (``nn.Linear``, a
+transposed GPT-2 ``Conv1D``, later a flattened ``Conv2d``): it receives a ``d_out x d_in`` matrix.
+
+    y = U diag(sigma) Vh x + bias        U: d_out x r, Vh: r x d_in, r = min(d_out, d_in)
+
+Storage: ``U`` and ``Vh`` are frozen buffers in the base weight's dtype; ``sigma`` and ``bias`` are
+float32 parameters (the optimizer updates them in full precision even for bf16/fp16 models) and
+are cast to the activation dtype in the forward pass.
+
+A layer whose singular values are not trained (e.g. f1/f2 in the ``sigma_attn_bias`` variant) is
+never decomposed: it keeps its dense weight and trains only its bias ("bias-only" mode), so it
+costs neither an SVD nor extra memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def svd_fp32(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``matrix`` computed in float32 whatever its dtype.
+
+    Args:
+        matrix: a ``d_out x d_in`` tensor.
+
+    Returns:
+        ``(U, S, Vh)`` in float32 with ``matrix ~= U @ diag(S) @ Vh``.
+    """
+    return torch.linalg.svd(matrix.detach().to(torch.float32), full_matrices=False)
+
+
+class SVDLinear(nn.Module):
+    """A linear layer ``y = U diag(sigma) Vh x + bias`` with frozen ``U``, ``Vh``.
+
+    Args:
+        weight: the base weight as a ``d_out x d_in`` matrix (not modified).
+        bias: the base bias (``d_out``) or ``None``.
+        train_sigma: decompose and train the singular values.
+        train_bias: train the bias; a layer without one gets a zero bias.
+        svd: a precomputed ``(U, S, Vh)`` of ``weight`` in float32 (e.g. from the disk cache);
+            computed here when ``None``.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        train_sigma: bool,
+        train_bias: bool,
+        svd: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SVDLinear expects a 2-D weight matrix, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.had_bias = bias is not None
+        self.train_sigma = bool(train_sigma)
+        self.train_bias = bool(train_bias)
+        self.merged = False
+        self.disabled = False
+        dtype, device = weight.dtype, weight.device
+
+        # Non-persistent buffers: everything frozen comes from the base model and is rebuilt from
+        # it, so checkpoints and adapters hold only what training changed.
+        if self.train_sigma:
+            U, S, Vh = svd if svd is not None else svd_fp32(weight)
+            self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
+            self.register_buffer("Vh", Vh.to(device=device, dtype=dtype).contiguous(), persistent=False)
+            self.register_buffer("sigma0", S.to(device=device, dtype=torch.float32).clone(), persistent=False)
+            self.sigma = nn.Parameter(S.to(device=device, dtype=torch.float32).clone())
+            self.weight = None
+        else:
+            self.register_buffer("weight", weight.detach().clone(), persistent=False)
+            self.sigma = None
+
+        b0 = bias.detach().to(torch.float32) if bias is not None else None
+        if self.train_bias:
+            if b0 is None:
+                b0 = torch.zeros(self.out_features, device=device, dtype=torch.float32)
+            self.register_buffer("bias0", b0.clone(), persistent=False)
+            self.bias = nn.Parameter(b0.clone())
+        else:
+            self.bias0 = None
+            # A bias that is not trained is frozen base state; keep it out of checkpoints.
+            self.register_buffer("bias", b0.clone() if b0 is not None else None, persistent=False)
+
+    # ------------------------------------------------------------------ weights
+    def dense_weight(self, original: bool = False) -> Tensor:
+        """The effective ``d_out x d_in`` weight (computed in float32, cast to the storage dtype).
+
+        Args:
+            original: use the singular values before fine-tuning instead of the current ones.
+        """
+        if self.sigma is None:
+            return self.weight
+        s = self.sigma0 if original else self.sigma
+        w = (self.U.to(torch.float32) * s.detach().to(torch.float32)) @ self.Vh.to(torch.float32)
+        return w.to(self.U.dtype)
+
+    def current_bias(self, original: bool = False) -> Optional[Tensor]:
+        if original and self.bias0 is not None:
+            return self.bias0
+        return self.bias
+
+    def delta_weight(self) -> Tensor:
+        """``W_final - W_init = U diag(sigma - sigma0) Vh`` in float32 (zero in bias-only mode)."""
+        if self.sigma is None:
+            return torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
+        return (self.U.to(torch.float32) * (self.sigma.detach() - self.sigma0)) @ self.Vh.to(torch.float32)
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        """Fold the trained singular values into one dense weight; forward then costs one matmul.
+        Merging twice is a no-op."""
+        if self.merged or self.sigma is None:
+            self.merged = True
+            return
+        self.register_buffer("merged_weight", self.dense_weight(), persistent=False)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Back to the factorised form (the trained vectors were never changed by merging)."""
+        if self.merged and self.sigma is not None:
+            del self.merged_weight
+        self.merged = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        disabled = self.disabled
+        bias = self.current_bias(original=disabled)
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        if self.sigma is None:
+            return F.linear(x, self.weight, bias)
+        if self.merged and not disabled:
+            return F.linear(x, self.merged_weight, bias)
+        s = (self.sigma0 if disabled else self.sigma).to(x.dtype)
+        # Two thin matmuls; the dense weight is never rebuilt on the training path.
+        return F.linear(F.linear(x, self.Vh) * s, self.U, bias)
+
+    def extra_repr(self) -> str:
+        mode = "sigma+bias" if self.train_sigma and self.train_bias else "sigma" if self.train_sigma else "bias"
+        return f"in_features={self.in_features}, out_features={self.out_features}, trains={mode}, merged={self.merged}"

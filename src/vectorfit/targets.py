@@ -1,0 +1,222 @@
+"""Which modules VectorFit adapts, and whether each is an attention or an MLP matrix.
+
+The paper adapts the attention projections q, k, v, o and the two MLP matrices f1, f2 of every
+transformer block. Module names differ between architectures, so each known ``model_type`` gets
+two regexes (matched against the end of the dotted module name): one for attention, one for MLP.
+The role matters because the variants train singular values or biases only on some roles.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Union
+
+from torch import nn
+
+ATTN, MLP = "attn", "mlp"
+
+_BERT_LIKE = {
+    ATTN: r"layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
+    MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
+}
+_LLAMA_LIKE = {
+    ATTN: r"layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    MLP: r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
+}
+
+#: model_type (``model.config.model_type``) -> {role: regex over the module name's tail}
+ARCHITECTURES: dict[str, dict[str, str]] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "deberta-v2": {
+        ATTN: r"layer\.\d+\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)",
+        MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
+    },
+    "deberta": {
+        ATTN: r"layer\.\d+\.attention\.(self\.in_proj|output\.dense)",
+        MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
+    },
+    "distilbert": {
+        ATTN: r"layer\.\d+\.attention\.(q_lin|k_lin|v_lin|out_lin)",
+        MLP: r"layer\.\d+\.ffn\.(lin1|lin2)",
+    },
+    "mpnet": {
+        ATTN: r"layer\.\d+\.attention\.attn\.(q|k|v|o)",
+        MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
+    },
+    "vit": {
+        ATTN: r"layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)",
+        MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
+    },
+    # GPT-2 keeps q, k, v in one fused Conv1D (c_attn); it is one target with one SVD.
+    "gpt2": {ATTN: r"h\.\d+\.attn\.(c_attn|c_proj)", MLP: r"h\.\d+\.mlp\.(c_fc|c_proj)"},
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "bart": {
+        ATTN: r"layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)",
+        MLP: r"layers\.\d+\.(fc1|fc2)",
+    },
+    "mbart": {
+        ATTN: r"layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)",
+        MLP: r"layers\.\d+\.(fc1|fc2)",
+    },
+    "t5": {
+        ATTN: r"block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)",
+        MLP: r"block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1|wo)",
+    },
+}
+
+# Used to tell attention from MLP for explicit targets on architectures not listed above.
+_GENERIC_ATTN = re.compile(
+    r"(^|.*\.)(q|k|v|o|query|key|value|q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|c_attn|"
+    r"q_lin|k_lin|v_lin|out_lin|Wqkv|in_proj)$|(^|.*\.)(attn|attention|self_attn|SelfAttention)\."
+)
+
+# Output heads are never "all-linear" targets: they are new or tied to the embeddings.
+_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "pooler"}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 style ``Conv1D`` (a linear map whose weight is stored ``d_in x d_out``),
+    recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def model_type_of(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _tail_match(pattern: str, name: str) -> bool:
+    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name) is not None
+
+
+def _names_match(entries: list, name: str) -> bool:
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    """Distinct Linear/Conv1D module names with layer numbers folded to ``*`` (for error messages)."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if is_linear_like(module):
+            seen[re.sub(r"\.\d+\.", ".*.", name)] = None
+    return list(seen)
+
+
+def _output_head_names(model: nn.Module) -> set:
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+        if name.split(".")[-1] in _HEAD_NAMES or name.split(".")[0] in _HEAD_NAMES:
+            names.add(name)
+    return names
+
+
+def role_of(model: nn.Module, name: str) -> str:
+    """``"attn"`` or ``"mlp"`` for a module name, by the architecture table or generic patterns."""
+    arch = ARCHITECTURES.get(model_type_of(model) or "")
+    if arch is not None:
+        if _tail_match(arch[ATTN], name):
+            return ATTN
+        if _tail_match(arch[MLP], name):
+            return MLP
+    return ATTN if _GENERIC_ATTN.match(name) else MLP
+
+
+class TargetError(ValueError):
+    """The targets could not be resolved; the message lists the model's candidate modules."""
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: Union[None, str, list] = None,
+    exclude_modules: Union[None, str, list] = None,
+    skip: Optional[list] = None,
+) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yield ``(name, module, role)`` for every module VectorFit should adapt, in model order.
+
+    Args:
+        model: the base model.
+        target_modules: see :class:`vectorfit.VectorFitConfig`.
+        exclude_modules: names / suffixes (list) or a regex (full match) to leave out.
+        skip: module names that are never targets (e.g. ``modules_to_save``), with their children.
+
+    Raises:
+        TargetError: unknown architecture without explicit targets, a target that is not a
+            Linear/Conv1D, or nothing matched.
+    """
+    mtype = model_type_of(model)
+    heads = _output_head_names(model) if target_modules == "all-linear" else set()
+    skip = list(skip or [])
+    if target_modules is None:
+        arch = ARCHITECTURES.get(mtype or "")
+        if arch is None:
+            raise TargetError(
+                f"no default VectorFit targets for model_type={mtype!r} (known: {sorted(ARCHITECTURES)}); "
+                f"set VectorFitConfig.target_modules to a list of names, a regex or 'all-linear'. "
+                f"Linear modules of this model: {candidate_names(model)}"
+            )
+
+        def selected(name: str, module: nn.Module) -> bool:
+            return _tail_match(arch[ATTN], name) or _tail_match(arch[MLP], name)
+
+    elif target_modules == "all-linear":
+
+        def selected(name: str, module: nn.Module) -> bool:
+            return name not in heads and is_linear_like(module)
+
+    elif isinstance(target_modules, str):
+
+        def selected(name: str, module: nn.Module) -> bool:
+            return re.fullmatch(target_modules, name) is not None
+
+    else:
+
+        def selected(name: str, module: nn.Module) -> bool:
+            return _names_match(target_modules, name)
+
+    def excluded(name: str) -> bool:
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            return True
+        if exclude_modules is None:
+            return False
+        if isinstance(exclude_modules, str):
+            return re.fullmatch(exclude_modules, name) is not None
+        return _names_match(exclude_modules, name)
+
+    found = 0
+    for name, module in model.named_modules():
+        if not name or not selected(name, module) or excluded(name):
+            continue
+        if not is_linear_like(module):
+            if isinstance(target_modules, list) or isinstance(target_modules, str) and target_modules != "all-linear":
+                # A user-named container (e.g. "attention") is not an error if its name also
+                # matches nothing else; only leaf matrices can be adapted.
+                if any(True for _ in module.children()):
+                    continue
+            raise TargetError(
+                f"module {name!r} ({type(module).__name__}) matched the targets but is not a Linear/Conv1D; "
+                f"VectorFit adapts linear maps only. Linear modules of this model: {candidate_names(model)}"
+            )
+        found += 1
+        yield name, module, role_of(model, name)
+    if found == 0:
+        raise TargetError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no Linear/Conv1D "
+            f"module of this {type(model).__name__}. Linear modules of this model: {candidate_names(model)}"
+        )
