@@ -58,12 +58,14 @@ def save_adapter(directory: Union[str, Path], tensors: dict[str, torch.Tensor], 
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": FORMAT})
         digest = _sha256_file(tmp)
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "vectorfit_version": __version__, **meta, "weights_sha256": digest}
+        # Serialise the config before touching the existing adapter: if that fails, the old pair stays valid.
+        config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         os.replace(tmp, directory / WEIGHTS_NAME)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "vectorfit_version": __version__, **meta, "weights_sha256": digest}
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
 
 
 def load_adapter(directory: Union[str, Path]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

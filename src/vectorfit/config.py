@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -181,6 +182,10 @@ class VectorFitConfig:
                     raise _bad(f"VectorFitConfig.{name}", v, "use a non-empty list of module names, a regex string or None")
             else:
                 raise _bad(f"VectorFitConfig.{name}", v, "use None, a list of module names, a regex string or 'all-linear'")
+        if not isinstance(self.svd_cache, bool):
+            raise _bad("VectorFitConfig.svd_cache", self.svd_cache, "use True or False")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise _bad("VectorFitConfig.cache_dir", self.cache_dir, "use a folder path (str or os.PathLike) or None")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, (str, tuple)):
                 self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)

@@ -47,9 +47,10 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
         ATTN: r"layer\.\d+\.attention\.attn\.(q|k|v|o)",
         MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
     },
+    # transformers < 5: vit.encoder.layer.N.attention.attention.query ...; >= 5: vit.layers.N.attention.q_proj ...
     "vit": {
-        ATTN: r"layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)",
-        MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)",
+        ATTN: r"layer\.\d+\.attention\.(attention\.(query|key|value)|output\.dense)|layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
+        MLP: r"layer\.\d+\.(intermediate\.dense|output\.dense)|layers\.\d+\.mlp\.(fc1|fc2)",
     },
     # GPT-2 keeps q, k, v in one fused Conv1D (c_attn); it is one target with one SVD.
     "gpt2": {ATTN: r"h\.\d+\.attn\.(c_attn|c_proj)", MLP: r"h\.\d+\.mlp\.(c_fc|c_proj)"},
@@ -80,7 +81,7 @@ _GENERIC_ATTN = re.compile(
 )
 
 # Output heads are never "all-linear" targets: they are new or tied to the embeddings.
-_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "pooler"}
+_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "pooler", "classification_head", "pre_classifier"}
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -191,7 +192,10 @@ def find_targets(
             return _names_match(target_modules, name)
 
     def excluded(name: str) -> bool:
-        if any(name == s or name.startswith(s + ".") for s in skip):
+        # ``skip`` entries are names or dotted suffixes (as in modules_to_save): skip the module they
+        # name and everything inside it, e.g. "pooler" skips "bert.pooler.dense".
+        prefixes = [name.rsplit(".", k)[0] for k in range(name.count(".") + 1)]
+        if any(_names_match(skip, p) for p in prefixes):
             return True
         if exclude_modules is None:
             return False
