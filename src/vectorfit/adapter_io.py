@@ -60,7 +60,8 @@ def save_adapter(directory: Union[str, Path], tensors: dict[str, torch.Tensor], 
         digest = _sha256_file(tmp)
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "vectorfit_version": __version__, **meta, "weights_sha256": digest}
         # Serialise the config before touching the existing adapter: if that fails, the old pair stays valid.
-        config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        # Insertion order, not sorted: targets stay in model order, so errors name the first one.
+        config_bytes = (json.dumps(config, indent=2) + "\n").encode()
         os.replace(tmp, directory / WEIGHTS_NAME)
     finally:
         if os.path.exists(tmp):

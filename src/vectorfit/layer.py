@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import svd_linear
+
 
 def svd_fp32(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``matrix`` computed in float32 whatever its dtype.
@@ -140,8 +142,11 @@ class SVDLinear(nn.Module):
             return F.linear(x, self.weight, bias)
         if self.merged and not disabled:
             return F.linear(x, self.merged_weight, bias)
-        s = (self.sigma0 if disabled else self.sigma).to(x.dtype)
-        # Two thin matmuls; the dense weight is never rebuilt on the training path.
+        if not disabled:
+            # The fast path (custom autograd, factorised or dense per call): see functional.py.
+            return svd_linear(x, self.U, self.Vh, self.sigma, self.bias, owner=self)
+        s = self.sigma0.to(x.dtype)
+        # Two thin matmuls with the original singular values.
         return F.linear(F.linear(x, self.Vh) * s, self.U, bias)
 
     def extra_repr(self) -> str:
