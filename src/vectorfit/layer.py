@@ -34,7 +34,13 @@ def svd_fp32(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Returns:
         ``(U, S, Vh)`` in float32 with ``matrix ~= U @ diag(S) @ Vh``.
     """
-    return torch.linalg.svd(matrix.detach().to(torch.float32), full_matrices=False)
+    m = matrix.detach().to(torch.float32)
+    if m.shape[0] < m.shape[1]:
+        # LAPACK is ~1.5x faster on tall matrices than on wide ones (measured: 768x3072 0.30 s,
+        # its transpose 0.19 s), so decompose W^T = U' S Vh' and read W = Vh'^T S U'^T.
+        Ut, S, Vht = torch.linalg.svd(m.t(), full_matrices=False)
+        return Vht.t().contiguous(), S, Ut.t().contiguous()
+    return torch.linalg.svd(m, full_matrices=False)
 
 
 class SVDLinear(nn.Module):
