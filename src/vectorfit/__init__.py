@@ -11,7 +11,7 @@ from .adapter_io import AdapterError
 from .avf import AdaptiveVectorFreezing, AVFError
 from .config import VARIANTS, AVFConfig, ConfigError, VectorFitConfig
 from .layer import SVDLinear
-from .model import VectorFitModel, get_vectorfit_model
+from .model import VectorFitModel, get_vectorfit_model, target_module_names
 from .targets import ARCHITECTURES, TargetError
 
 __version__ = "0.1.0"
@@ -29,4 +29,5 @@ __all__ = [
     "VectorFitConfig",
     "VectorFitModel",
     "get_vectorfit_model",
+    "target_module_names",
 ]

@@ -89,7 +89,9 @@ class AVFConfig:
             raise _bad("total_steps", total_steps, "pass the run's number of optimizer steps (a positive integer)")
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
             raise _bad("steps_per_epoch", steps_per_epoch, "pass a positive integer or None")
-        start = self.start_step if self.start_step is not None else max(1, int(round(0.4 * total_steps)))
+        # Never start at step 1 unless the run is one step long: before any update every strength
+        # is 0 and the "top-k" would just be the first k vectors.
+        start = self.start_step if self.start_step is not None else min(total_steps, max(2, int(round(0.4 * total_steps))))
         remaining = max(total_steps - start, 0)
         interval = self.interval
         if interval is None:

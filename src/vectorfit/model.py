@@ -373,3 +373,21 @@ def get_vectorfit_model(model: nn.Module, config: Optional[VectorFitConfig] = No
         A :class:`VectorFitModel` whose forward is the base model's forward.
     """
     return VectorFitModel._build(model, config if config is not None else VectorFitConfig())
+
+
+def target_module_names(
+    model: nn.Module, config: Optional[VectorFitConfig] = None, with_roles: bool = False
+) -> Union[list[str], dict[str, str]]:
+    """Names of the modules ``get_vectorfit_model(model, config)`` would adapt, in model order.
+
+    Useful to give a baseline (e.g. a peft LoRA) exactly the same targets. Modules of a role the
+    variant leaves alone (f1/f2 in ``sigma_attn``) are included: they are the variant's targets.
+
+    Args:
+        model: the base model (before wrapping).
+        config: the targets' settings; ``VectorFitConfig()`` if ``None``.
+        with_roles: return ``{name: "attn" | "mlp"}`` instead of a list.
+    """
+    config = config if config is not None else VectorFitConfig()
+    found = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules, skip=config.modules_to_save)}
+    return found if with_roles else list(found)
