@@ -113,7 +113,6 @@ def test_freezing_matches_independent_rule_and_frozen_vectors_do_not_move():
 def test_released_vectors_train_again():
     model = _model(start_step=2, interval=2, num_freezes=6)
     opt = _optimizer(model)
-    vectors = model.trainable_vectors()
     _train(model, opt, 1, 13)
     hist = model.avf.history
     # Some vector frozen at one AVF step and not at the next: it must have moved in between.

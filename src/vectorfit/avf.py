@@ -28,6 +28,12 @@ from torch import Tensor, nn
 from .config import AVFConfig, ConfigError
 
 
+def training_strength(layer: nn.Module, attr: str) -> Tensor:
+    """``mean(|v_0 - v_t|)`` of the vector ``getattr(layer, attr)`` (paper eq. for S_v), float32."""
+    v, v0 = getattr(layer, attr), getattr(layer, attr + "0")
+    return (v.detach().float() - v0.float()).abs().mean()
+
+
 class AVFError(RuntimeError):
     """AVF was driven in a way that would silently break its schedule."""
 
@@ -98,8 +104,7 @@ class AdaptiveVectorFreezing(nn.Module):
         """Current training strengths ``mean(|v_0 - v_t|)`` of all vectors, in order (float32)."""
         out = torch.empty(len(self._vectors), dtype=torch.float32, device=self.ema.device)
         for i, (layer, attr) in enumerate(self._vectors):
-            v, v0 = getattr(layer, attr), getattr(layer, attr + "0")
-            out[i] = (v.detach().float() - v0.float()).abs().mean().to(out.device)
+            out[i] = training_strength(layer, attr).to(out.device)
         return out
 
     def step(self, global_step: int) -> None:

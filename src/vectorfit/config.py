@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 #: What each variant trains (paper section 6.3, SPEC table). ``sigma`` says on which roles the

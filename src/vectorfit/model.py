@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from . import adapter_io
-from .avf import AdaptiveVectorFreezing
+from .avf import AdaptiveVectorFreezing, training_strength
 from .cache import SVDCache, fingerprint
 from .config import ConfigError, VectorFitConfig
 from .layer import SVDLinear
@@ -230,10 +229,12 @@ class VectorFitModel(nn.Module):
     # ------------------------------------------------------------------ diagnostics
     @torch.no_grad()
     def training_strengths(self) -> dict[str, float]:
-        """``mean(|v_0 - v_t|)`` per trained vector (the quantity AVF ranks)."""
+        """``mean(|v_0 - v_t|)`` per trained vector (the quantity AVF ranks), by vector name."""
         return {
-            name: float((p.detach().float() - getattr(self.base_model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1] + "0").float()).abs().mean())
-            for name, p in self.trainable_vectors().items()
+            f"{name}.{attr}": float(training_strength(layer, attr))
+            for name, layer in self.vectorfit_layers()
+            for attr in ("sigma", "bias")
+            if self._trains(layer, attr)
         }
 
     # ------------------------------------------------------------------ adapters

@@ -5,6 +5,8 @@
     vectorfit data list            # assets and datasets, and whether they are in the cache
     vectorfit data fetch [NAME..]  # download + verify + extract (datasets, models or assets; default all but mpnet)
     vectorfit data verify [NAME..] # re-check extracted files against their recorded sha256
+    vectorfit bench --suite NAME   # run a named matrix of runs (configs/suites.json), resumably
+    vectorfit report               # result files -> benchmarks/RESULTS.md + plots
 """
 
 from __future__ import annotations
@@ -100,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_fetch.add_argument("--force", action="store_true", help="re-download and re-extract even if cached")
     p_verify = dsub.add_parser("verify", help="re-check extracted files against their recorded sha256")
     p_verify.add_argument("names", nargs="*", help="names to verify; default: everything cached")
+
+    p_bench = sub.add_parser(
+        "bench", help="run a named suite of (task, model, method, seed) runs, skipping finished ones",
+        description="Runs every missing run of a suite from configs/suites.json, each as `vectorfit train` in "
+                    "a fresh process writing one JSON file; stop it at any time and run it again to resume.",
+    )
+    p_bench.add_argument("--suite", required=True, help="suite name: smoke, sweep, main, ablation")
+    p_bench.add_argument("--results", default="benchmarks/results", help="results folder (default: %(default)s)")
+    p_bench.add_argument("--dry-run", action="store_true", help="list the missing runs' commands, run nothing")
+    p_bench.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
+
+    p_report = sub.add_parser("report", help="turn result files into a Markdown report with tables and plots")
+    p_report.add_argument("--results", default="benchmarks/results", help="results folder (default: %(default)s)")
+    p_report.add_argument("--out", default="benchmarks/RESULTS.md", help="report file; plots go to plots/ beside it")
+    p_report.add_argument("--notes", default="benchmarks/NOTES.md",
+                          help="hand-written text placed at the top of the report, if the file exists")
+    p_report.add_argument("--suites", default=None, help="comma-separated suites to report (default: all with results)")
     return parser
 
 
@@ -194,6 +213,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if ns.command == "data":
             return _data_command(ns)
+        if ns.command == "bench":
+            from pathlib import Path
+
+            from .bench import run_suite
+
+            return 1 if run_suite(ns.suite, Path(ns.results), dry_run=ns.dry_run, limit=ns.limit) else 0
+        if ns.command == "report":
+            from pathlib import Path
+
+            from .report import write_report
+
+            suites = ns.suites.split(",") if ns.suites else None
+            out = write_report(Path(ns.results), Path(ns.out), Path(ns.notes), suites)
+            print(f"report written to {out}")
+            return 0
     except AssetError as e:
         print(f"vectorfit: error: {e}", file=sys.stderr)
         return 2

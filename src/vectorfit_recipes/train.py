@@ -29,18 +29,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from . import data as data_mod
+from . import methods as methods_mod
 from . import models as models_mod
+from .methods import METHODS, VECTORFIT_METHODS
 
-__all__ = ["TrainConfig", "BuiltMethod", "build_method", "VECTORFIT_METHODS", "METHODS", "run", "evaluate",
-           "RESULT_SCHEMA_VERSION"]
-
-#: The VectorFit variants (SPEC table / paper section 6.3).
-VECTORFIT_METHODS = ("vectorfit", "no_avf", "sigma", "sigma_attn", "sigma_attn_bias")
-#: Every method ``--method`` accepts now (peft baselines come with the benchmark suite).
-METHODS = VECTORFIT_METHODS
+__all__ = ["TrainConfig", "VECTORFIT_METHODS", "METHODS", "run", "evaluate", "RESULT_SCHEMA_VERSION"]
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -58,7 +54,8 @@ class TrainConfig:
     model: str = field(default="minilm", metadata=_help(
         "pretrained model", choices=tuple(models_mod.MODELS)))
     method: str = field(default="vectorfit", metadata=_help(
-        "fine-tuning method: a VectorFit variant (vectorfit = full method with AVF)", choices=METHODS))
+        "fine-tuning method: a VectorFit variant (vectorfit = the full method with AVF) or a baseline "
+        "(peft LoRA/AdaLoRA/VeRA/IA3/BEFT, BitFit, full fine-tuning)", choices=METHODS))
     seed: int = field(default=0, metadata=_help(
         "seed for head initialisation, dropout and data order; a run is deterministic given the seed"))
     epochs: int = field(default=2, metadata=_help("passes over the (capped) training set"))
@@ -71,7 +68,8 @@ class TrainConfig:
     max_len: int = field(default=64, metadata=_help("maximum sequence length in tokens (longer texts are truncated)"))
     batch_size: int = field(default=32, metadata=_help("training batch size"))
     eval_batch_size: int = field(default=128, metadata=_help("evaluation batch size"))
-    lr: float = field(default=1e-3, metadata=_help("AdamW learning rate (paper: 1e-3 for text tasks)"))
+    lr: Optional[float] = field(default=None, metadata=_help(
+        "AdamW learning rate; none = the method's rate from configs/methods.json (VectorFit: 1e-3 as the paper)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (paper: 0)"))
     avf_k: int = field(default=5, metadata=_help("AVF: vectors frozen at each AVF step (paper: 5)"))
     avf_beta: float = field(default=0.99, metadata=_help("AVF: EMA factor of the training strength (paper: 0.99)"))
@@ -222,49 +220,41 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@dataclass
-class BuiltMethod:
-    """A model ready for the loop; the same shape as ``vectorfit_recipes.methods.Built`` so that the
-    benchmark's methods (peft baselines, BitFit, full fine-tuning) plug into this loop unchanged.
-
-    ``before_optimizer_step(step)`` runs after ``backward()`` (VectorFit's AVF);
-    ``after_optimizer_step(step)`` runs after ``optimizer.step()``, before the gradients are cleared.
-    """
-
-    model: Any
-    config: dict
-    save: Callable[[str], None]
-    before_optimizer_step: Optional[Callable[[int], None]] = None
-    after_optimizer_step: Optional[Callable[[int], None]] = None
-    avf: Any = None
-
-    def parameter_counts(self) -> tuple[int, int]:
-        if hasattr(self.model, "get_nb_trainable_parameters"):
-            return self.model.get_nb_trainable_parameters()
-        ps = list(self.model.parameters())
-        return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+#: Methods whose weight update's spectrum is recorded (paper fig. 9: VectorFit vs full fine-tuning).
+SPECTRA_METHODS = ("vectorfit", "no_avf", "full")
 
 
-def build_method(cfg: TrainConfig, base: Any, total_steps: int, steps_per_epoch: int) -> BuiltMethod:
-    """Wrap ``base`` for ``cfg.method`` (the seam where the benchmark's baselines come in)."""
-    from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
+def _spectra_layers(base: Any) -> list[str]:
+    """First and last block's first attention matrix and first MLP matrix (4 layers)."""
+    from vectorfit import target_module_names
 
-    if cfg.method in VECTORFIT_METHODS:
-        avf = None
-        if cfg.method == "vectorfit":
-            avf = AVFConfig.for_training(
-                total_steps, steps_per_epoch, k=cfg.avf_k, beta=cfg.avf_beta, start_step=cfg.avf_start,
-                interval=cfg.avf_interval, num_freezes=cfg.avf_num_freezes)
-        vcfg = VectorFitConfig(variant=cfg.method, target_modules=None, modules_to_save=["classifier"], avf=avf)
-        model = get_vectorfit_model(base, vcfg)
-        return BuiltMethod(
-            model=model,
-            config={"library": "vectorfit", **_jsonable(vcfg.to_dict())},
-            save=model.save_pretrained,
-            before_optimizer_step=model.avf.step if model.avf is not None else None,
-            avf=model.avf,
-        )
-    raise ValueError(f"method {cfg.method!r} is not implemented yet")  # peft baselines: issue 3
+    roles = target_module_names(base, with_roles=True)
+    names = list(roles)
+    picks = []
+    layer_ids = sorted({int(p) for n in names for p in n.split(".") if p.isdigit()})
+    for lid in (layer_ids[0], layer_ids[-1]) if layer_ids else ():
+        for role in ("attn", "mlp"):
+            cand = [n for n in names if roles[n] == role and f".{lid}." in f".{n}."]
+            if cand:
+                picks.append(cand[0])
+    return picks
+
+
+def _delta_spectra(model: Any, layers: list[str], w_init: dict) -> dict:
+    """Singular values of W_final - W_init (float32) for ``layers``, largest first."""
+    import torch
+
+    out = {}
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        for name in layers:
+            mod = root.get_submodule(name)
+            if name in w_init:
+                delta = mod.weight.detach().float() - w_init[name].float()
+            else:
+                delta = mod.delta_weight()
+            out[name] = [float(x) for x in torch.linalg.svdvals(delta.float())]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -340,7 +330,11 @@ def _run(cfg: TrainConfig, log: Any) -> dict:
     seed_everything(cfg.seed)
     base = models_mod.load_model(cfg.model, info.num_labels)
     t_wrap = time.perf_counter()
-    built = build_method(cfg, base, total_steps, steps_per_epoch)
+    spectra_layers = _spectra_layers(base) if cfg.method in SPECTRA_METHODS else []
+    w_init = {n: base.get_submodule(n).weight.detach().clone() for n in spectra_layers} if cfg.method == "full" else {}
+    avf_options = dict(k=cfg.avf_k, beta=cfg.avf_beta, start_step=cfg.avf_start, interval=cfg.avf_interval,
+                       num_freezes=cfg.avf_num_freezes)
+    built = methods_mod.build(cfg.method, base, total_steps, steps_per_epoch, avf_options=avf_options)
     model, method_config, avf = built.model, built.config, built.avf
     wrap_s = time.perf_counter() - t_wrap
     model.to(device)
@@ -354,7 +348,8 @@ def _run(cfg: TrainConfig, log: Any) -> dict:
         log(f"[vectorfit] test {info.metric} before fine-tuning: {before:.4f}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    lr = cfg.lr if cfg.lr is not None else methods_mod.default_lr(cfg.method)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     model.train()
@@ -424,6 +419,7 @@ def _run(cfg: TrainConfig, log: Any) -> dict:
             "history": _jsonable(getattr(avf, "history", None)),
             "frozen_at_end": _jsonable(getattr(avf, "frozen", None)),
         }
+    delta_spectra = _delta_spectra(model, spectra_layers, w_init) if spectra_layers else None
     strengths = None
     if hasattr(model, "training_strengths"):
         strengths = _jsonable(model.training_strengths())
@@ -458,6 +454,8 @@ def _run(cfg: TrainConfig, log: Any) -> dict:
         "device": str(device),
         "avf": avf_info,
         "training_strengths": strengths,
+        "delta_spectra": delta_spectra,
+        "lr": lr,
         "dataset_stats": ds.stats,
         "config": _jsonable(cfg),
         "versions": _versions(),

@@ -1,0 +1,175 @@
+"""Fine-tuning methods for the benchmark: VectorFit variants and the baselines people would use instead.
+
+Every method is built the same way (``build(name, base, ...)``) and returns a :class:`Built` that the
+one training loop drives: the same data order, the same newly initialised task head (trained in
+full by every method, as peft's ``modules_to_save``), the same evaluation.
+
+The baselines are ``peft``'s own implementations (LoRA, AdaLoRA, VeRA, IA3, BEFT), plus BitFit (the
+biases of the same target layers and the head, a few lines over the plain model) and full
+fine-tuning. Learning rates and their sources are in ``configs/methods.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+VECTORFIT_METHODS = ("vectorfit", "no_avf", "sigma", "sigma_attn", "sigma_attn_bias")
+PEFT_METHODS = ("lora_r1", "lora_r8", "adalora", "vera", "ia3", "beft")
+PLAIN_METHODS = ("bitfit", "full")
+METHODS = VECTORFIT_METHODS + PEFT_METHODS + PLAIN_METHODS
+
+HEAD = ["classifier"]  # the new sequence-classification head of BERT-like and MPNet models
+
+
+def method_table() -> dict[str, dict[str, Any]]:
+    """``configs/methods.json``: per method the learning rate, where it comes from, and options."""
+    text = resources.files("vectorfit_recipes").joinpath("configs/methods.json").read_text()
+    table = json.loads(text)["methods"]
+    missing = set(METHODS) - set(table)
+    if missing:  # pragma: no cover - guarded by a test
+        raise RuntimeError(f"configs/methods.json lacks methods {sorted(missing)}")
+    return table
+
+
+def default_lr(method: str) -> float:
+    return float(method_table()[method]["lr"])
+
+
+@dataclass
+class Built:
+    """A model ready for the training loop.
+
+    Attributes:
+        model: the module to train (its ``requires_grad`` parameters are the trained ones).
+        config: JSON-serialisable description of the method's configuration.
+        before_optimizer_step: called with the step number after ``backward()`` (VectorFit's AVF).
+        after_optimizer_step: called with the step number after ``optimizer.step()``, before the
+            gradients are cleared (AdaLoRA's rank allocation).
+        save: writes what the method trained (an adapter, or the whole model) to a folder.
+        avf: VectorFit's AVF controller, if any.
+    """
+
+    model: nn.Module
+    config: dict
+    save: Callable[[str], None]
+    before_optimizer_step: Optional[Callable[[int], None]] = None
+    after_optimizer_step: Optional[Callable[[int], None]] = None
+    avf: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) counted over the wrapped model's parameters."""
+        if hasattr(self.model, "get_nb_trainable_parameters"):
+            return self.model.get_nb_trainable_parameters()
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _jsonable(x: Any) -> Any:
+    return sorted(x) if isinstance(x, (set, frozenset)) else str(x)
+
+
+def _save_plain(model: nn.Module, names: Optional[set] = None) -> Callable[[str], None]:
+    def save(directory: str) -> None:
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in model.named_parameters() if names is None or k in names}
+        save_file(sd, str(Path(directory) / "model.safetensors"))
+
+    return save
+
+
+def build(
+    method: str,
+    base: nn.Module,
+    total_steps: int,
+    steps_per_epoch: int,
+    avf_options: Optional[dict] = None,
+) -> Built:
+    """Wrap ``base`` for ``method``.
+
+    Args:
+        method: one of :data:`METHODS`.
+        base: a freshly loaded sequence-classification model (modified in place).
+        total_steps: optimizer steps of the run (AVF and AdaLoRA schedules).
+        steps_per_epoch: optimizer steps per epoch (AVF's interval).
+        avf_options: ``AVFConfig`` fields for the ``vectorfit`` method (``None`` values are derived).
+
+    Returns:
+        A :class:`Built`.
+    """
+    from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model, target_module_names
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    options = method_table()[method].get("options", {})
+
+    if method in VECTORFIT_METHODS:
+        avf = None
+        if method == "vectorfit":
+            opts = {k: v for k, v in (avf_options or {}).items() if v is not None}
+            avf = AVFConfig.for_training(total_steps, steps_per_epoch, **opts)
+        cfg = VectorFitConfig(variant=method, modules_to_save=HEAD, avf=avf)
+        model = get_vectorfit_model(base, cfg)
+        hook = model.avf.step if model.avf is not None else None
+        return Built(model, {"library": "vectorfit", **cfg.to_dict()}, model.save_pretrained, before_optimizer_step=hook, avf=model.avf)
+
+    roles = target_module_names(base, VectorFitConfig(modules_to_save=HEAD), with_roles=True)
+    targets = list(roles)
+
+    if method == "full":
+        for p in base.parameters():
+            p.requires_grad_(True)
+        return Built(base, {"library": "torch", "trained": "all parameters"}, _save_plain(base))
+
+    if method == "bitfit":
+        for p in base.parameters():
+            p.requires_grad_(False)
+        trained = set()
+        for name in targets:
+            b = base.get_submodule(name).bias
+            if b is not None:
+                b.requires_grad_(True)
+                trained.add(f"{name}.bias")
+        for name, p in base.named_parameters():
+            if any(name == f"{h}.{n}" or f".{h}." in f".{name}" for h in HEAD for n in ("weight", "bias")):
+                p.requires_grad_(True)
+                trained.add(name)
+        return Built(base, {"library": "torch", "trained": "biases of the VectorFit targets + head", "targets": targets},
+                     _save_plain(base, trained))
+
+    import peft
+
+    common = dict(target_modules=targets, modules_to_save=HEAD)
+    if method in ("lora_r1", "lora_r8"):
+        r = 1 if method == "lora_r1" else 8
+        pcfg = peft.LoraConfig(r=r, lora_alpha=options.get("lora_alpha", 2 * r), lora_dropout=0.0, **common)
+    elif method == "adalora":
+        tinit = max(1, int(total_steps * options.get("tinit_frac", 0.1)))
+        tfinal = max(1, int(total_steps * options.get("tfinal_frac", 0.2)))
+        pcfg = peft.AdaLoraConfig(
+            init_r=options.get("init_r", 12), target_r=options.get("target_r", 8), tinit=tinit, tfinal=tfinal,
+            deltaT=options.get("deltaT", 10), lora_alpha=options.get("lora_alpha", 32), lora_dropout=0.0,
+            total_step=total_steps, **common,
+        )
+    elif method == "vera":
+        pcfg = peft.VeraConfig(r=options.get("r", 256), vera_dropout=0.0, **common)
+    elif method == "ia3":
+        pcfg = peft.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if roles[t] == "mlp"], modules_to_save=HEAD)
+    elif method == "beft":
+        # BEFT's own choice of biases (peft's default mapping: the value projections' biases).
+        pcfg = peft.BeftConfig(modules_to_save=HEAD)
+    else:  # pragma: no cover
+        raise AssertionError(method)
+    model = peft.get_peft_model(base, pcfg)
+    # AdaLoRA reallocates ranks from the gradients after each optimizer step (peft's documented order).
+    after = model.base_model.update_and_allocate if method == "adalora" else None
+    cfg = {"library": "peft", "peft_version": peft.__version__, **json.loads(json.dumps(pcfg.to_dict(), default=_jsonable))}
+    return Built(model, cfg, model.save_pretrained, after_optimizer_step=after)

@@ -1,0 +1,297 @@
+"""``vectorfit report``: result files -> ``benchmarks/RESULTS.md`` and plots.
+
+Reads every ``*.json`` result under the results folder (one file per run, written by
+``vectorfit train --output``), groups runs by (suite, task, model, method), and writes mean ± std
+over seeds, one table per task, the average across tasks, and three plots:
+
+1. metric vs. trainable parameters (log x), one point per method (paper fig. 1);
+2. training strength per vector, layer x vector type, VectorFit with and without AVF (fig. 3);
+3. singular values of dW = W_final - W_init for a few layers, VectorFit vs. full fine-tuning (fig. 9).
+
+Plotting is the only thing here that needs matplotlib; it is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+ORDER = ("vectorfit", "no_avf", "sigma_attn_bias", "sigma", "sigma_attn", "lora_r1", "lora_r8", "adalora",
+         "vera", "ia3", "beft", "bitfit", "full")
+LABELS = {
+    "vectorfit": "VectorFit", "no_avf": "VectorFit (no AVF)", "sigma": "VectorFit(Σ)", "sigma_attn": "VectorFit(Σa)",
+    "sigma_attn_bias": "VectorFit(Σa+b)", "lora_r1": "LoRA r=1", "lora_r8": "LoRA r=8", "adalora": "AdaLoRA",
+    "vera": "VeRA", "ia3": "IA3", "beft": "BEFT", "bitfit": "BitFit", "full": "Full FT",
+}
+# Short names for vector types in the heat-map (module tail -> label), BERT-like and MPNet names.
+_VECTOR_TYPES = [
+    (r"attention\.self\.query|attention\.attn\.q|self_attn\.q_proj", "q"),
+    (r"attention\.self\.key|attention\.attn\.k|self_attn\.k_proj", "k"),
+    (r"attention\.self\.value|attention\.attn\.v|self_attn\.v_proj", "v"),
+    (r"attention\.output\.dense|attention\.attn\.o|self_attn\.o_proj", "o"),
+    (r"intermediate\.dense|mlp\.up_proj", "f1"),
+    (r"(?<!attention\.)output\.dense|mlp\.down_proj", "f2"),
+]
+
+
+def load_results(root: Path, suite_names: Optional[list[str]] = None) -> list[dict]:
+    """The result files of each suite (``configs/suites.json``) found under ``root``; a run shared
+    by two suites appears once per suite, tagged with ``_suite``."""
+    from .bench import runs_of, suites
+
+    out = []
+    for suite in suite_names or sorted(suites()):
+        for run in runs_of(suite):
+            path = run.path(Path(root))
+            if not path.exists():
+                continue
+            try:
+                r = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+            out.append({**r, "_suite": suite, "_path": str(path)})
+    return out
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(mean: float, std: float, n: int, scale: float = 100.0) -> str:
+    return f"{scale * mean:.2f} ± {scale * std:.2f}" + ("" if n >= 3 else f" (n={n})")
+
+
+def _method_key(m: str) -> int:
+    return ORDER.index(m) if m in ORDER else len(ORDER)
+
+
+def aggregate(results: Iterable[dict]) -> dict[tuple, dict]:
+    """(suite, task, model, method, lr) -> summary over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["_suite"], r["task"], r["model"], r["method"], r["lr"])].append(r)
+    out = {}
+    for key, runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        test, val = _mean_std([r["test"] for r in runs]), _mean_std([r["validation"] for r in runs])
+        out[key] = {
+            "n": len(runs), "seeds": [r["seed"] for r in runs], "metric": runs[0]["metric"],
+            "test": test, "validation": val, "test_before": runs[0].get("test_before"),
+            "trainable": runs[0]["trainable_params"], "total": runs[0]["total_params"],
+            "adapter_bytes": runs[0].get("adapter_bytes"),
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+            "peak_rss_mb": statistics.fmean(r.get("peak_rss_mb") or 0 for r in runs),
+            "lr": runs[0]["lr"], "runs": runs,
+        }
+    return out
+
+
+def _one_lr(keys: list) -> dict:
+    """(task, model, method) -> key, for methods run at a single learning rate (not a sweep)."""
+    by: dict = defaultdict(list)
+    for k in keys:
+        by[(k[1], k[2], k[3])].append(k)
+    return {tmm: ks[0] for tmm, ks in by.items() if len(ks) == 1}
+
+
+def _suite_tables(agg: dict, suite: str) -> list[str]:
+    lines: list[str] = []
+    keys = [k for k in agg if k[0] == suite]
+    tasks = sorted({k[1] for k in keys})
+    models = sorted({k[2] for k in keys})
+    for model in models:
+        for task in tasks:
+            rows = sorted((k for k in keys if k[1] == task and k[2] == model), key=lambda k: (_method_key(k[3]), k[4]))
+            if not rows:
+                continue
+            metric = agg[rows[0]]["metric"]
+            lines += [f"#### {task} ({model}, test {metric} × 100, mean ± std over seeds)", "",
+                      "| method | test | validation | before FT | trainable params | adapter KB | lr | train s/run | peak RSS MB |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for k in rows:
+                a = agg[k]
+                before = "" if a["test_before"] is None else f"{100 * a['test_before']:.2f}"
+                kb = "" if a["adapter_bytes"] is None else f"{a['adapter_bytes'] / 1024:,.0f}"
+                lines.append(
+                    f"| {LABELS.get(k[3], k[3])} | {_fmt(*a['test'], a['n'])} | {_fmt(*a['validation'], a['n'])} | {before} | "
+                    f"{a['trainable']:,} | {kb} | {a['lr']:g} | {a['train_seconds']:.0f} | {a['peak_rss_mb']:.0f} |"
+                )
+            lines.append("")
+        # Average across tasks: only methods that ran on every task, mean of the per-task means;
+        # the spread is the std over seeds of the per-seed task averages.
+        one = _one_lr(keys)
+        methods = sorted({k[3] for k in keys if k[2] == model}, key=_method_key)
+        complete = [m for m in methods if all((t, model, m) in one for t in tasks)]
+        if len(tasks) > 1 and complete:
+            lines += [f"#### Average over {len(tasks)} tasks ({model}: {', '.join(tasks)})", "",
+                      "| method | average test × 100 | trainable params |", "|---|---|---|"]
+            for m in complete:
+                per_seed = defaultdict(list)
+                for t in tasks:
+                    for r in agg[one[(t, model, m)]]["runs"]:
+                        per_seed[r["seed"]].append(r["test"])
+                full = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
+                mean = statistics.fmean(agg[one[(t, model, m)]]["test"][0] for t in tasks)
+                std = statistics.stdev(full) if len(full) > 1 else 0.0
+                lines.append(f"| {LABELS.get(m, m)} | {_fmt(mean, std, len(full))} | {agg[one[(tasks[0], model, m)]]['trainable']:,} |")
+            lines.append("")
+    return lines
+
+
+def _vector_type(name: str) -> Optional[tuple[int, str]]:
+    m = re.search(r"\.(\d+)\.(.+)\.(sigma|bias)$", name)
+    if not m:
+        return None
+    layer, tail, kind = int(m.group(1)), m.group(2), m.group(3)
+    for pattern, short in _VECTOR_TYPES:
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", tail):
+            return layer, f"{short}.{'Σ' if kind == 'sigma' else 'b'}"
+    return layer, f"{tail}.{kind}"
+
+
+def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in agg if k[0] == suite]
+    tasks = sorted({k[1] for k in keys})
+    methods = sorted({k[3] for k in keys}, key=_method_key)
+    one = _one_lr(keys)
+    pts = []
+    for m in methods:
+        ks = [k for k in keys if k[3] == m]
+        if len(ks) != len(tasks) or any((k[1], k[2], m) not in one for k in ks):
+            continue  # not run on every task, or a learning-rate sweep
+        pts.append((m, agg[ks[0]]["trainable"], statistics.fmean(100 * agg[k]["test"][0] for k in ks)))
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m, n, score in pts:
+        vf = m in ("vectorfit", "no_avf", "sigma", "sigma_attn", "sigma_attn_bias")
+        ax.scatter([n], [score], s=60, marker="*" if vf else "o", color="tab:red" if vf else "tab:blue", zorder=3)
+        ax.annotate(LABELS.get(m, m), (n, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale, incl. the task head)")
+    ax.set_ylabel(f"average test metric × 100 ({len(tasks)} tasks)")
+    ax.set_title(f"Metric vs. trainable parameters — suite '{suite}'")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"{suite}_metric_vs_params.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -> Optional[Path]:
+    """Heat-maps of the final training strength per vector, with and without AVF (one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pick = {}
+    for r in sorted(results, key=lambda r: (r["seed"], r["_suite"])):
+        if r["method"] in ("vectorfit", "no_avf") and r.get("training_strengths") and (task is None or r["task"] == task):
+            pick.setdefault(r["method"], r)
+    if len(pick) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, method in zip(axes, ("no_avf", "vectorfit")):
+        r = pick[method]
+        cells = {}
+        for name, v in r["training_strengths"].items():
+            lt = _vector_type(name)
+            if lt is not None:
+                cells[lt] = v
+        layers = sorted({l for l, _ in cells})
+        types = [t for _, s in _VECTOR_TYPES for t in (f"{s}.Σ", f"{s}.b") if any(tt == t for _, tt in cells)]
+        grid = [[cells.get((l, t), math.nan) for t in types] for l in layers]
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(types)), types, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_ylabel("layer")
+        flat = [x for row in grid for x in row if not math.isnan(x)]
+        cv = statistics.pstdev(flat) / statistics.fmean(flat) if flat and statistics.fmean(flat) > 0 else float("nan")
+        ax.set_title(f"{LABELS[method]} — {r['task']}, seed {r['seed']}\nmean |v0 − v| (coefficient of variation {cv:.2f})", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = out / "training_strength_heatmap.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_spectra(results: list[dict], out: Path) -> Optional[Path]:
+    """Singular values of dW for the layers both VectorFit and full fine-tuning recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pick = {}
+    for r in sorted(results, key=lambda r: (r["seed"], r["_suite"])):
+        if r["method"] in ("vectorfit", "full") and r.get("delta_spectra"):
+            pick.setdefault((r["task"], r["method"]), r)
+    tasks = [t for t in sorted({t for t, _ in pick}) if (t, "vectorfit") in pick and (t, "full") in pick]
+    if not tasks:
+        return None
+    task = tasks[0]
+    vf, ft = pick[(task, "vectorfit")]["delta_spectra"], pick[(task, "full")]["delta_spectra"]
+    layers = [n for n in vf if n in ft]
+    if not layers:
+        return None
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], layers):
+        for spec, label, color in ((vf[name], "VectorFit", "tab:red"), (ft[name], "Full FT", "tab:blue")):
+            top = max(spec) or 1.0
+            ax.plot(range(1, len(spec) + 1), [s / top for s in spec], label=label, color=color)
+        ax.set_yscale("log")
+        ax.set_title(name.replace("encoder.layer.", "L").replace("attention.", "att."), fontsize=8)
+        ax.set_xlabel("index")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("σ_i(ΔW) / σ_max")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Spectrum of ΔW = W_final − W_init ({task}, seed {pick[(task, 'vectorfit')]['seed']})", fontsize=10)
+    fig.tight_layout()
+    path = out / "delta_w_spectra.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, suite_names: Optional[list[str]] = None) -> Path:
+    """Write the Markdown report and its plots (next to it, in ``plots/``)."""
+    results = load_results(results_dir, suite_names)
+    if not results:
+        raise SystemExit(f"vectorfit report: no result files under {results_dir}; run `vectorfit bench` first")
+    agg = aggregate(results)
+    plots = out_md.parent / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    suites = [s for s in (suite_names or ("main", "ablation", "sweep", "smoke")) if any(k[0] == s for k in agg)]
+    lines = ["# Benchmark results", "",
+             f"Generated by `vectorfit report --results {results_dir}` from {len(results)} result files. "
+             "Every number below was measured by this project; none is copied from the paper.", ""]
+    if notes is not None and notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    for suite in suites:
+        lines += [f"## Suite `{suite}`", ""]
+        settings = {k: v for k, v in results[[r["_suite"] for r in results].index(suite)]["config"].items()
+                    if k in ("epochs", "max_train_examples", "max_eval_examples", "max_len", "batch_size")}
+        lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
+        lines += _suite_tables(agg, suite)
+        p = plot_params(agg, suite, plots)
+        if p:
+            lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
+    for p, title in ((plot_strengths(results, plots), "Training strength per vector"),
+                     (plot_spectra(results, plots), "Spectrum of ΔW")):
+        if p:
+            lines += [f"## {title}", "", f"![{title}]({p.relative_to(out_md.parent)})", ""]
+    out_md.write_text("\n".join(lines) + "\n")
+    return out_md

@@ -1,0 +1,104 @@
+"""Benchmark side: every method builds and trains what it should; bench resumes; report renders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_bert
+from vectorfit import target_module_names
+from vectorfit_recipes import bench, methods, report
+from vectorfit_recipes.train import TrainConfig, run
+
+from test_recipes_cli import RESULT_KEYS
+
+
+def _trainable(model) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_every_method_builds_trains_its_own_parameters_and_keeps_outputs_at_init(method, tmp_path):
+    base = make_tiny_bert()
+    base.eval()
+    targets = target_module_names(base)
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        ref = base(input_ids=x).logits
+    built = methods.build(method, base, total_steps=20, steps_per_epoch=5)
+    model = built.model.eval()
+    trainable = _trainable(model)
+    assert trainable, method
+    assert any("classifier" in n for n in trainable), f"{method} must train the new head"
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+    # Every method starts from the base model's function (zero/identity init of what it adds).
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5, msg=method)
+    if method == "bitfit":
+        assert trainable == {f"{t}.bias" for t in targets} | {"classifier.weight", "classifier.bias"}
+    if method == "full":
+        assert trainable == {n for n, _ in model.named_parameters()}
+    if method in methods.VECTORFIT_METHODS:
+        assert (built.avf is not None) == (method == "vectorfit")
+    # one optimizer step through the same hooks the training loop uses
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=x, labels=torch.tensor([0, 1])).loss.backward()
+    if built.before_optimizer_step:
+        built.before_optimizer_step(1)
+    opt.step()
+    if built.after_optimizer_step:
+        built.after_optimizer_step(1)
+    opt.zero_grad()
+    built.save(str(tmp_path / "saved"))
+    assert any((tmp_path / "saved").iterdir())
+
+
+def test_methods_table_records_lr_and_source_for_every_method():
+    table = methods.method_table()
+    for m in methods.METHODS:
+        assert table[m]["lr"] > 0 and table[m]["source"], m
+    assert methods.default_lr("vectorfit") == 1e-3  # the paper's text-task rate
+
+
+def test_suites_are_well_formed_and_shared_runs_are_computed_once():
+    for name, s in bench.suites().items():
+        for m in s["methods"]:
+            assert m in methods.METHODS, (name, m)
+        assert bench.runs_of(name)
+    main = {r for r in bench.runs_of("main")}
+    ablation = {r for r in bench.runs_of("ablation")}
+    shared = main & ablation
+    assert {(r.method) for r in shared} == {"vectorfit", "no_avf"}
+    assert len({r.path(Path("x")) for r in bench.runs_of("main")}) == len(bench.runs_of("main"))
+
+
+@pytest.mark.slow
+def test_train_one_vectorfit_and_one_peft_run_then_report(tmp_path, monkeypatch):
+    """End to end on a tiny slice of the real movie data: result schema, bench resume, report."""
+    results = tmp_path / "results"
+    smoke = bench.runs_of("smoke")
+    assert {r.method for r in smoke} == {"vectorfit", "lora_r1"}
+    for r in smoke:
+        settings = dict(r.settings)
+        cfg = TrainConfig(task=r.task, model=r.model, method=r.method, seed=r.seed, lr=r.lr, progress=False,
+                          output=str(r.path(results)), eval_batch_size=64, max_len=32, **settings)
+        res = run(cfg, log=lambda *a: None)
+        assert RESULT_KEYS <= set(res), RESULT_KEYS - set(res)
+        assert res["steps"] == settings["max_steps"] and res["lr"] == r.lr
+        on_disk = json.loads(r.path(results).read_text())
+        assert on_disk["test"] == res["test"] and 0.0 <= res["test"] <= 1.0
+        assert res["adapter_bytes"] > 0 and res["trainable_params"] < res["total_params"]
+        if r.method == "vectorfit":
+            assert res["avf"]["history"] and res["delta_spectra"]
+            assert res["adapter_bytes"] < 400_000  # vectors + head only
+    # bench sees both runs done and runs nothing
+    lines = []
+    assert bench.run_suite("smoke", results, log=lines.append) == 0
+    assert "2 of 2 runs already done, 0 to go" in lines[0]
+    out = report.write_report(results, tmp_path / "RESULTS.md", suite_names=["smoke"])
+    text = out.read_text()
+    assert "VectorFit" in text and "LoRA r=1" in text and "#### movie" in text
