@@ -10,7 +10,8 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from conftest import make_tiny_bert
+from transformers import BertForSequenceClassification
 
 from vectorfit import AVFConfig, AVFError, ConfigError, VectorFitConfig, get_vectorfit_model
 
@@ -20,12 +21,7 @@ TOTAL = 16
 
 
 def _base(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg)
+    return make_tiny_bert(seed, num_labels=2)
 
 
 def _batch(step: int) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import BertConfig, BertForSequenceClassification
+from conftest import make_tiny_bert
 
 from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
 
@@ -17,13 +17,8 @@ STEPS, WORLD = 10, 2
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
     avf = AVFConfig(k=3, start_step=2, interval=2, num_freezes=4)
-    return get_vectorfit_model(BertForSequenceClassification(cfg), VectorFitConfig(modules_to_save=["classifier"], avf=avf))
+    return get_vectorfit_model(make_tiny_bert(0, num_labels=2), VectorFitConfig(modules_to_save=["classifier"], avf=avf))
 
 
 def _batch(step: int) -> dict:

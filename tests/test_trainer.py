@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from conftest import make_tiny_bert
+from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
 from vectorfit.integrations import AVFCallback
@@ -12,12 +13,7 @@ N, BATCH, STEPS = 32, 8, 16  # 4 steps per epoch, 4 epochs
 
 
 def _base() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(cfg)
+    return make_tiny_bert(0, num_labels=2)
 
 
 def _data() -> list[dict]:
