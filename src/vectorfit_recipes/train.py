@@ -1,7 +1,7 @@
 """One training loop for every task, model and method (``vectorfit train``).
 
 A plain PyTorch loop over the public ``vectorfit`` API: AdamW (betas 0.9/0.999, no warm-up, weight
-decay 0 by default, lr 1e-3 as in the paper), and per optimizer step
+decay 0 by default, the learning rate of configs/methods.json), and per optimizer step
 
     loss.backward(); model.avf.step(global_step)  # if AVF; global_step counts from 1
     optimizer.step(); optimizer.zero_grad()
@@ -69,7 +69,7 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata=_help("training batch size"))
     eval_batch_size: int = field(default=128, metadata=_help("evaluation batch size"))
     lr: Optional[float] = field(default=None, metadata=_help(
-        "AdamW learning rate; none = the method's rate from configs/methods.json (VectorFit: 1e-3 as the paper)"))
+        "AdamW learning rate; none = the method's rate from configs/methods.json (see its 'source' there)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (paper: 0)"))
     avf_k: int = field(default=5, metadata=_help("AVF: vectors frozen at each AVF step (paper: 5)"))
     avf_beta: float = field(default=0.99, metadata=_help("AVF: EMA factor of the training strength (paper: 0.99)"))
