@@ -9,6 +9,7 @@ Quick start::
 
 from .adapter_io import AdapterError
 from .avf import AdaptiveVectorFreezing, AVFError
+from .cache import default_cache_root
 from .config import VARIANTS, AVFConfig, ConfigError, VectorFitConfig
 from .layer import SVDLinear
 from .model import VectorFitModel, get_vectorfit_model, target_module_names
@@ -28,6 +29,7 @@ __all__ = [
     "VARIANTS",
     "VectorFitConfig",
     "VectorFitModel",
+    "default_cache_root",
     "get_vectorfit_model",
     "target_module_names",
 ]

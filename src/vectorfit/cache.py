@@ -34,8 +34,8 @@ def default_cache_root() -> Path:
     """``$VECTORFIT_CACHE`` if set, else ``$XDG_CACHE_HOME/vectorfit``, else ``~/.cache/vectorfit``."""
     if os.environ.get("VECTORFIT_CACHE"):
         return Path(os.environ["VECTORFIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vectorfit"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "vectorfit"
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:

@@ -294,13 +294,11 @@ def _resolve(asset: Asset | str) -> Asset:
 
 # ---------------------------------------------------------------------------------------- cache paths
 def cache_root() -> Path:
-    """``$VECTORFIT_CACHE``, else ``$XDG_CACHE_HOME/vectorfit``, else ``~/.cache/vectorfit``."""
-    env = os.environ.get("VECTORFIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "vectorfit"
+    """``$VECTORFIT_CACHE``, else ``$XDG_CACHE_HOME/vectorfit``, else ``~/.cache/vectorfit`` (the
+    library's cache root: assets live beside the SVD cache)."""
+    from vectorfit import default_cache_root
+
+    return default_cache_root()
 
 
 def assets_root() -> Path:
