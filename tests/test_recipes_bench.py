@@ -107,3 +107,38 @@ def test_train_one_vectorfit_and_one_peft_run_then_report(tmp_path, monkeypatch)
     out = report.write_report(results, tmp_path / "RESULTS.md", suite_names=["smoke"])
     text = out.read_text()
     assert "VectorFit" in text and "LoRA r=1" in text and "#### movie" in text
+
+
+def _fake_result(method: str, task: str, seed: int, test: float) -> dict:
+    return {"_suite": "main", "task": task, "model": "minilm", "method": method, "lr": 0.01, "seed": seed,
+            "test": test, "validation": test, "metric": "accuracy", "trainable_params": 10, "total_params": 100,
+            "train_seconds": 1.0}
+
+
+def test_paired_differences_match_a_by_hand_computation():
+    vf = {0: 0.70, 1: 0.74, 2: 0.71}
+    lora = {0: 0.72, 1: 0.73}  # seed 2 missing: it must not be paired with anything
+    results = [_fake_result("vectorfit", "movie", s, v) for s, v in vf.items()]
+    results += [_fake_result("lora_r1", "movie", s, v) for s, v in lora.items()]
+    results += [_fake_result("ia3", "bbc", 0, 0.5)]  # no VectorFit run on bbc: no row
+    diffs = report.paired_differences(report.aggregate(results), "main")
+    assert set(diffs) == {("minilm", "movie", "lora_r1")}
+    d = diffs[("minilm", "movie", "lora_r1")]
+    by_hand = [0.70 - 0.72, 0.74 - 0.73]
+    assert d["n"] == 2 and d["wins"] == 1
+    assert d["mean"] == pytest.approx(sum(by_hand) / 2, abs=1e-12)
+    assert d["std"] == pytest.approx(abs(by_hand[0] - by_hand[1]) / 2 ** 0.5, abs=1e-12)
+    table = "\n".join(report._paired_table(report.aggregate(results), "main"))
+    assert "| LoRA r=1 | -0.50 ± 2.12 (1/2) |" in table
+
+
+def test_one_seed_is_not_shown_with_a_zero_spread():
+    assert report._fmt(0.731, 0.0, 1) == "73.10 (n=1)"
+    assert report._fmt(0.731, 0.012, 3) == "73.10 ± 1.20"
+
+
+def test_strength_spread_ignores_untrained_vectors_and_matches_by_hand():
+    s = report.strength_spread({"a.sigma": 1.0, "b.sigma": 3.0, "k.bias": 0.0})
+    # population std of (1, 3) is 1, mean 2; the zero key bias is left out
+    assert s == {"cv": 0.5, "max_over_mean": 1.5}
+    assert report.strength_spread({"a.sigma": 1.0, "k.bias": 0.0}) is None

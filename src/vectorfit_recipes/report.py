@@ -63,6 +63,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def _fmt(mean: float, std: float, n: int, scale: float = 100.0) -> str:
+    if n < 2:  # one seed has no spread; printing "± 0.00" would claim one
+        return f"{scale * mean:.2f} (n=1)"
     return f"{scale * mean:.2f} ± {scale * std:.2f}" + ("" if n >= 3 else f" (n={n})")
 
 
@@ -152,6 +154,81 @@ def _vector_type(name: str) -> Optional[tuple[int, str]]:
         if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", tail):
             return layer, f"{short}.{'Σ' if kind == 'sigma' else 'b'}"
     return layer, f"{tail}.{kind}"
+
+
+def paired_differences(agg: dict, suite: str, reference: str = "vectorfit") -> dict[tuple[str, str, str], dict]:
+    """(model, task, method) -> the reference method's test metric minus ``method``'s, paired by seed.
+
+    Runs with the same seed share the data order and the head's initialisation, so the per-seed
+    difference removes most of the seed-to-seed variation that both methods see alike. Only seeds
+    both methods ran count. Returns ``mean`` and ``std`` of the differences (metric units, not × 100),
+    ``wins`` (seeds where the reference is strictly better) and ``n``.
+    """
+    keys = [k for k in agg if k[0] == suite]
+    one = _one_lr(keys)
+    out = {}
+    for (task, model, method), key in one.items():
+        ref_key = one.get((task, model, reference))
+        if method == reference or ref_key is None:
+            continue
+        ref = {r["seed"]: r["test"] for r in agg[ref_key]["runs"]}
+        diffs = [ref[r["seed"]] - r["test"] for r in agg[key]["runs"] if r["seed"] in ref]
+        if diffs:
+            mean, std = _mean_std(diffs)
+            out[(model, task, method)] = {"mean": mean, "std": std, "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+    return out
+
+
+def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[str]:
+    diffs = paired_differences(agg, suite, reference)
+    if not diffs:
+        return []
+    lines: list[str] = []
+    for model in sorted({k[0] for k in diffs}):
+        tasks = sorted({k[1] for k in diffs if k[0] == model})
+        methods = sorted({k[2] for k in diffs if k[0] == model}, key=_method_key)
+        lines += [f"#### {LABELS.get(reference, reference)} minus each method, paired by seed ({model}; test metric × 100; "
+                  "positive = VectorFit better; in brackets: seeds won / seeds)", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for m in methods:
+            cells = []
+            for t in tasks:
+                d = diffs.get((model, t, m))
+                cells.append("" if d is None else
+                             f"{100 * d['mean']:+.2f}" + (f" ± {100 * d['std']:.2f}" if d["n"] > 1 else "") + f" ({d['wins']}/{d['n']})")
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def strength_spread(strengths: dict[str, float]) -> Optional[dict[str, float]]:
+    """Coefficient of variation (std / mean) and max / mean of the per-vector training strengths.
+
+    Vectors with exactly zero strength are left out: the key biases get no gradient at all (softmax
+    ignores a shift shared by every key), with or without AVF, and would only add the same constant
+    spread to both. ``None`` when fewer than two vectors trained.
+    """
+    xs = [v for v in strengths.values() if v > 0]
+    if len(xs) < 2:
+        return None
+    mean = statistics.fmean(xs)
+    return {"cv": statistics.pstdev(xs) / mean, "max_over_mean": max(xs) / mean}
+
+
+def _balance_table(agg: dict, suite: str) -> list[str]:
+    """AVF's purpose in numbers: how evenly the trained vectors moved, VectorFit with vs. without AVF."""
+    keys = [k for k in agg if k[0] == suite and k[3] in ("vectorfit", "no_avf")]
+    one = _one_lr(keys)
+    rows = []
+    for (task, model, method), key in sorted(one.items(), key=lambda kv: (kv[0][1], kv[0][0], _method_key(kv[0][2]))):
+        spreads = [s for r in agg[key]["runs"] if (s := strength_spread(r.get("training_strengths") or {}))]
+        if spreads:
+            cv, mx = _mean_std([s["cv"] for s in spreads]), _mean_std([s["max_over_mean"] for s in spreads])
+            rows.append(f"| {task} | {LABELS[method]} | {_fmt(*cv, len(spreads), 1.0)} | {_fmt(*mx, len(spreads), 1.0)} |")
+    if not rows:
+        return []
+    return ["#### Balance of the trained vectors (training strength = mean |change| per element, at the end of training)", "",
+            "| task | method | coefficient of variation | max / mean |", "|---|---|---|---|", *rows, ""]
 
 
 def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
@@ -286,6 +363,10 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                     if k in ("epochs", "max_train_examples", "max_eval_examples", "max_len", "batch_size")}
         lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
         lines += _suite_tables(agg, suite)
+        if suite != "sweep":
+            lines += _paired_table(agg, suite)
+        if suite == "main":
+            lines += _balance_table(agg, suite)
         p = plot_params(agg, suite, plots)
         if p:
             lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
