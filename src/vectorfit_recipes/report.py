@@ -86,7 +86,8 @@ def aggregate(results: Iterable[dict]) -> dict[tuple, dict]:
             "test": test, "validation": val, "test_before": runs[0].get("test_before"),
             "trainable": runs[0]["trainable_params"], "total": runs[0]["total_params"],
             "adapter_bytes": runs[0].get("adapter_bytes"),
-            "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+            # median: a run that shared the machine with other work must not move the figure
+            "train_seconds": statistics.median(r["train_seconds"] for r in runs),
             "peak_rss_mb": statistics.fmean(r.get("peak_rss_mb") or 0 for r in runs),
             "lr": runs[0]["lr"], "runs": runs,
         }
@@ -113,7 +114,7 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
                 continue
             metric = agg[rows[0]]["metric"]
             lines += [f"#### {task} ({model}, test {metric} × 100, mean ± std over seeds)", "",
-                      "| method | test | validation | before FT | trainable params | adapter KB | lr | train s/run | peak RSS MB |",
+                      "| method | test | validation | before FT | trainable params | adapter KB | lr | train s (median) | peak RSS MB |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for k in rows:
                 a = agg[k]
@@ -131,7 +132,7 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
         complete = [m for m in methods if all((t, model, m) in one for t in tasks)]
         if len(tasks) > 1 and complete:
             lines += [f"#### Average over {len(tasks)} tasks ({model}: {', '.join(tasks)})", "",
-                      "| method | average test × 100 | trainable params |", "|---|---|---|"]
+                      f"| method | average test × 100 | trainable params (with the {tasks[0]} head) |", "|---|---|---|"]
             for m in complete:
                 per_seed = defaultdict(list)
                 for t in tasks:
