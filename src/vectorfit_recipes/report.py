@@ -189,7 +189,7 @@ def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[s
         tasks = sorted({k[1] for k in diffs if k[0] == model})
         methods = sorted({k[2] for k in diffs if k[0] == model}, key=_method_key)
         lines += [f"#### {LABELS.get(reference, reference)} minus each method, paired by seed ({model}; test metric × 100; "
-                  "positive = VectorFit better; in brackets: seeds won / seeds)", "",
+                  f"positive = {LABELS.get(reference, reference)} better; in brackets: seeds won / seeds)", "",
                   "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
         for m in methods:
             cells = []
