@@ -8,6 +8,8 @@ Issue 4. For each configuration it measures, in one run:
   layers' own cost, undiluted). The methods -- and the two modes -- are INTERLEAVED round-robin, one
   step each, so that drift of a shared machine hits all of them alike;
 * peak training memory, each method in a fresh subprocess (see ``_memory_child``);
+* VectorFit twice: as shipped (``vectorfit``) and in low-memory mode (``vectorfit_lowmem``, the
+  dense path rebuilds W in the backward instead of keeping it), so that trade is measured too;
 * setup time: VectorFit cold (empty SVD cache: fingerprint + SVD + cache write) and warm (from the
   cache), against plain ``torch.linalg.svd`` over the same matrices; LoRA's ``get_peft_model``;
 * inference time (no grad, eval) of the merged VectorFit model (``merge_and_unload``) against the
@@ -45,7 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,7 +58,8 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-METHODS = ("vectorfit", "lora", "bitfit", "full")
+# vectorfit_lowmem: the same VectorFit model trained in low-memory mode (vectorfit.low_memory).
+METHODS = ("vectorfit", "vectorfit_lowmem", "lora", "bitfit", "full")
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "1": dict(name="minilm-seqcls-32x64-fp32", model="minilm", batch=32, seq=64, autocast=False),
@@ -158,8 +161,9 @@ class Run:
         t0 = time.perf_counter()
         self.model = build(method, base, cache_dir)
         self.setup_s = time.perf_counter() - t0
-        if method == "vectorfit":
+        if method.startswith("vectorfit"):
             self.avf = self.model.avf
+        self.low_memory = method == "vectorfit_lowmem"
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         # SPEC: AdamW (0.9, 0.999), no weight decay; lr 1e-3 for text tasks.
@@ -167,8 +171,10 @@ class Run:
         self.step_no = 0
 
     def step(self, batch: dict, autocast: bool) -> float:
+        from vectorfit import low_memory
+
         self.step_no += 1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with low_memory(self.low_memory), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = self.model(**batch).loss
         loss.backward()
         if self.avf is not None:
@@ -181,7 +187,7 @@ class Run:
 def build(method: str, base: torch.nn.Module, cache_dir: Optional[str] = None) -> torch.nn.Module:
     """``method`` applied to ``base`` (modified in place)."""
     heads = head_names(base)
-    if method == "vectorfit":
+    if method in ("vectorfit", "vectorfit_lowmem"):
         from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
 
         # AVF active during the timed steps: an AVF step every 2 optimizer steps from step 2 on.
@@ -456,7 +462,7 @@ def run_config(key: str, args: argparse.Namespace) -> dict:
 
     # One model per method, trained interleaved; the VectorFit SVDs come from the cache filled above.
     with tempfile.TemporaryDirectory(prefix="vf-bench-svd-") as d:
-        runs = {m: Run(m, copy.deepcopy(base), cache_dir=d if m == "vectorfit" else None) for m in methods}
+        runs = {m: Run(m, copy.deepcopy(base), cache_dir=d if m.startswith("vectorfit") else None) for m in methods}
     for r in runs.values():
         result.setdefault("trainable_params", {})[r.method] = r.trainable
     steps_res = measure_steps(runs, batch, cfg["autocast"], warmup, steps)
@@ -497,9 +503,9 @@ def ratios(res: dict) -> dict:
 def print_table(res: dict) -> None:
     st, mem = res.get("step", {}), res.get("memory", {})
     print(f"\n{res['name']}  (loadavg start {res['loadavg_start']}, end {res['loadavg_end']})")
-    print(f"{'method':10s} {'train ms':>9s} {'/lora':>6s} {'/full':>6s} {'eval ms':>9s} {'/lora':>6s} {'/full':>6s} {'peak MB':>8s} {'/lora':>6s} {'trainable':>10s}")
+    print(f"{'method':16s} {'train ms':>9s} {'/lora':>6s} {'/full':>6s} {'eval ms':>9s} {'/lora':>6s} {'/full':>6s} {'peak MB':>8s} {'/lora':>6s} {'trainable':>10s}")
     for m in st:
-        row = [f"{m:10s}"]
+        row = [f"{m:16s}"]
         for mode in ("train", "eval"):
             v = st[m][mode]["median_s"]
             row.append(f"{v * 1e3:9.1f}")
@@ -601,7 +607,7 @@ def main(argv: Optional[list] = None) -> None:
         return
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
-    env_note = {k: os.environ[k] for k in ("VECTORFIT_LAYER_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    env_note = {k: os.environ[k] for k in ("VECTORFIT_LAYER_PATH", "VECTORFIT_LOW_MEMORY", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
     common = {"command": command, "env": env_note, "versions": versions(), "machine": machine_info(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
               "layer_path": os.environ.get("VECTORFIT_LAYER_PATH", "auto")}

@@ -118,3 +118,24 @@ def test_train_is_deterministic_in_process():
     assert a["test"] == b["test"] and a["final_train_loss"] == b["final_train_loss"]
     assert a["training_strengths"] == b["training_strengths"]
     assert a["avf"]["history"] == b["avf"]["history"]
+
+
+def test_low_memory_flag_trains_identically_and_is_restored():
+    """``--low-memory`` changes what the VectorFit layers keep for the backward, not the numbers; the
+    process-wide setting is restored after the run."""
+    import dataclasses as dc
+
+    from vectorfit.functional import low_memory_enabled
+    from vectorfit_recipes.train import run
+
+    p = _train_parser()
+    # 32 x 64 tokens: minilm's attention projections take the dense path, whose saved state differs
+    args = TINY[:] + ["--max-steps", "2", "--batch-size", "32", "--max-len", "64", "--no-eval-before",
+                      "--no-select-on-validation"]
+    cfg = cli.dataclass_from_args(TrainConfig, p.parse_args(args + ["--low-memory"]))
+    assert cfg.low_memory is True
+    low = run(cfg, log=lambda *_: None)
+    assert low_memory_enabled() is False
+    default = run(dc.replace(cfg, low_memory=False), log=lambda *_: None)
+    assert low["test"] == default["test"] and low["final_train_loss"] == default["final_train_loss"]
+    assert low["training_strengths"] == default["training_strengths"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vectorfit import SVDLinear
-from vectorfit.functional import choose_path, force_path, svd_linear
+from vectorfit.functional import choose_path, force_path, low_memory, low_memory_enabled, svd_linear
 
 PATHS = ["factorised", "dense"]
 
@@ -242,3 +242,127 @@ def test_model_training_matches_reference_path():
             # moves it by noise: compare on the scale of an lr-sized step, not relative to ~1e-7.
             scale = max(float(ref_vec[k].abs().max()), 1e-2)
             assert float((vec[k] - ref_vec[k]).abs().max()) <= 1e-4 * scale, (path, k)
+
+
+# --------------------------------------------------------------------------------- low-memory mode
+def _saved_storages(fn):
+    """Storages (data_ptr -> bytes) autograd keeps for the backward of ``fn()``."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return y, saved
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (4, 6), (6, 6)])
+def test_gradcheck_dense_low_memory(shape):
+    d_out, d_in = shape
+    U, S, Vh = factors(d_out, d_in)
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
+    s = S.clone().requires_grad_(True)
+    b = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
+    with force_path("dense"), low_memory():
+        assert torch.autograd.gradcheck(lambda x, s, b: svd_linear(x, U, Vh, s, b), (x, s, b))
+
+
+def test_low_memory_dense_keeps_no_weight_and_same_gradients():
+    """The dense path keeps W (c x a) for the backward by default and not in low-memory mode; the
+    gradients are bitwise the same (W is rebuilt by the same operations)."""
+    c, a, n = 24, 16, 40
+    U, S, Vh = factors(c, a, torch.float32)
+    x0 = torch.randn(n, a)
+    grads = {}
+    for low in (False, True):
+        x = x0.clone().requires_grad_(True)
+        s = S.clone().requires_grad_(True)
+        with force_path("dense"), low_memory(low):
+            y, saved = _saved_storages(lambda: svd_linear(x, U, Vh, s, None))
+        assert low_memory_enabled() is False  # restored on exit
+        own = {p: nb for p, nb in saved.items()
+               if p not in (x.untyped_storage().data_ptr(), U.untyped_storage().data_ptr(), Vh.untyped_storage().data_ptr())}
+        weight_sized = [nb for nb in own.values() if nb == c * a * 4]
+        assert len(weight_sized) == (0 if low else 1), (low, own)
+        assert sum(own.values()) <= (c * a * 4 if not low else 4 * min(c, a))
+        y.backward(torch.ones_like(y))
+        grads[low] = (x.grad, s.grad)
+    assert torch.equal(grads[False][0], grads[True][0]) and torch.equal(grads[False][1], grads[True][1])
+
+
+def test_low_memory_selector_and_env(monkeypatch):
+    # d = 384, N = 845 (about 2.2 d): the dense path costs 3.91 vs 4 N d^2 when W is kept, but
+    # 4.36 (x 0.95 = 4.15) when it is rebuilt -> low-memory mode stays factorised.
+    assert choose_path(845, 384, 384, 384, True, True, low_mem=False) == "dense"
+    assert choose_path(845, 384, 384, 384, True, True, low_mem=True) == "factorised"
+    # BERT-base attention at N = 2048: 4.125 (x 0.95 = 3.92) vs 4 -> dense, for its smaller state.
+    assert choose_path(2048, 768, 768, 768, True, True, low_mem=True) == "dense"
+    assert choose_path(1024, 576, 576, 576, True, True, low_mem=True) == "factorised"
+    monkeypatch.setenv("VECTORFIT_LOW_MEMORY", "1")
+    assert low_memory_enabled() is True
+    with low_memory(False):  # the context manager overrides the environment
+        assert low_memory_enabled() is False
+    monkeypatch.setenv("VECTORFIT_LOW_MEMORY", "maybe")
+    with pytest.raises(ValueError, match="VECTORFIT_LOW_MEMORY='maybe'"):
+        low_memory_enabled()
+
+
+def test_low_memory_model_saves_one_weight_per_dense_layer_less():
+    """On a real (tiny) BERT with every layer on the dense path, low-memory mode keeps exactly one
+    d_out x d_in buffer per VectorFit layer less for the backward, and trains to the same logits."""
+    import transformers as T
+
+    from vectorfit import VectorFitConfig, get_vectorfit_model
+
+    torch.manual_seed(0)
+    base = T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    vf = get_vectorfit_model(base, VectorFitConfig(variant="no_avf", modules_to_save=["classifier"]))
+    layers = [m for m in vf.modules() if isinstance(m, SVDLinear) and m.sigma is not None]
+    state = {t.untyped_storage().data_ptr() for t in list(vf.parameters()) + list(vf.buffers())}
+    needs_dx = {}  # layer -> whether its input needs a gradient (layer 0's q/k/v: no, frozen embeddings)
+    hooks = [m.register_forward_hook(lambda m, i, o: needs_dx.__setitem__(m, i[0].requires_grad)) for m in layers]
+    ids = torch.randint(3, 64, (4, 40), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for low in (False, True):
+        with force_path("dense"), low_memory(low):
+            loss, saved = _saved_storages(lambda: vf(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss)
+        loss.backward()
+        activations = sum(nb for ptr, nb in saved.items() if ptr not in state)
+        out[low] = (activations, [m.sigma.grad.clone() for m in layers])
+        vf.zero_grad()
+    for h in hooks:
+        h.remove()
+    assert sum(needs_dx.values()) == len(layers) - 3
+    expected = sum(m.out_features * m.in_features * 4 for m in layers if needs_dx[m])
+    assert out[False][0] - out[True][0] == expected
+    for g0, g1 in zip(out[False][1], out[True][1]):
+        assert torch.equal(g0, g1)
+
+
+def test_autocast_factor_casts_are_kept_between_training_calls():
+    """Under bf16 autocast a training call keeps the layer's bf16 factors for the next one (no
+    per-step re-cast); an in-place change of a factor invalidates them; inference drops them."""
+    lin, layer = _layer()
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1 = layer(x)
+        first = layer._vf_cast_cache
+        assert first[1].dtype == torch.bfloat16 and torch.equal(first[1], layer.U.to(torch.bfloat16))
+        y2 = layer(x)
+        assert layer._vf_cast_cache[1] is first[1] and layer._vf_cast_cache[2] is first[2]
+        assert torch.equal(y1, y2)
+        with torch.no_grad():
+            layer.U.mul_(2.0)  # a changed factor must not be served stale
+        y3 = layer(x)
+        assert layer._vf_cast_cache[1] is not first[1]
+        assert torch.equal(layer._vf_cast_cache[1], layer.U.to(torch.bfloat16))
+        assert rel(y3, reference(x.to(torch.bfloat16), layer.U.to(torch.bfloat16), layer.Vh.to(torch.bfloat16),
+                                 layer.sigma, layer.bias)) < 2e-2
+        y3.float().sum().backward()
+        with torch.no_grad():
+            layer(x)
+        assert layer._vf_cast_cache is None

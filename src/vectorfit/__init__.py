@@ -11,6 +11,7 @@ from .adapter_io import AdapterError
 from .avf import AdaptiveVectorFreezing, AVFError
 from .cache import default_cache_root
 from .config import VARIANTS, AVFConfig, ConfigError, VectorFitConfig
+from .functional import low_memory
 from .layer import SVDLinear
 from .model import VectorFitModel, get_vectorfit_model, target_module_names
 from .targets import ARCHITECTURES, TargetError
@@ -31,5 +32,6 @@ __all__ = [
     "VectorFitModel",
     "default_cache_root",
     "get_vectorfit_model",
+    "low_memory",
     "target_module_names",
 ]

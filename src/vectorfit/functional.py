@@ -26,7 +26,8 @@ Two exact ways to compute the layer and its gradients
                    M = G^T x                        N c a      (only if s needs a gradient)
                    ds = diag(U^T M V)               r c a      (U^T M, then a row-wise dot with Vh)
         saved:     x (shared with every other consumer of x: q, k, v keep ONE copy between them)
-                   and W (c x a, a weight-sized buffer per layer, only when dx is needed).
+                   and W (c x a, a weight-sized buffer per layer, only when dx is needed) -- or,
+                   in low-memory mode, not W: the backward rebuilds it (another r c a MACs).
 
         ``ds`` via ``G^T x`` costs N c a + r c a; the alternative through the projections,
         ``sum_n (G U) * (x V)``, costs N r (a + c), which is never cheaper when r = min(a, c)
@@ -53,6 +54,18 @@ dropped as soon as the layer runs with gradients again (training must not pay it
 The cost model is the MAC count above; ``DENSE_BIAS`` documents the per-layer timings that
 validate it (``benchmarks/speed.py --layers``).
 
+Low-memory mode (:func:`low_memory`, or ``VECTORFIT_LOW_MEMORY=1``), off by default
+---------------------------------------------------------------------------------------
+Saving ``W`` for the backward keeps one weight-sized buffer per dense-path layer alive from the
+forward to the backward pass: d^2 floats against the N d of the input it multiplies, i.e. a
+fraction d / N of that layer's activation memory. Rebuilding ``W`` in the backward instead costs
+r c a MACs, a fraction d / (3 N) of the layer's training work. Both ratios grow with d / N, so no
+shape tells which one a user would rather pay; the default keeps ``W`` (speed) and low-memory mode
+rebuilds it. Low-memory mode also prefers the dense path for square layers whose MAC counts are
+within ``LOW_MEMORY_DENSE_BIAS`` of each other: the dense path keeps its input ``x``, which q, k
+and v share, where the factorised path keeps its own N x r projection per layer. The measured
+trade (memory saved, time paid) is in ``benchmarks/SPEED.md``.
+
 Not done: fusing q, k, v (they share their input) into one call. Measured on the minilm shape
 (N = 2048, three 384x384 dense layers, fwd+bwd): 68.9 ms separately vs 66.7 ms fused (-3%, within
 noise, ~1% of a training step), while Hugging Face models call the three modules separately, so a
@@ -74,7 +87,17 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["svd_linear", "svd_linear_reference", "choose_path", "force_path", "PATHS", "DENSE_BIAS"]
+__all__ = [
+    "svd_linear",
+    "svd_linear_reference",
+    "choose_path",
+    "force_path",
+    "low_memory",
+    "low_memory_enabled",
+    "PATHS",
+    "DENSE_BIAS",
+    "LOW_MEMORY_DENSE_BIAS",
+]
 
 PATHS = ("auto", "factorised", "dense", "reference")
 
@@ -92,7 +115,13 @@ PATHS = ("auto", "factorised", "dense", "reference")
 #: The plain MAC model predicts the measured ratio within ~3%, so no correction is applied.
 DENSE_BIAS = 1.0
 
+#: In low-memory mode the dense path wins near-ties (within 5% MACs) for its smaller saved state:
+#: BERT-base attention at N = 2048 (dense 4.125 vs factorised 4 N d^2 with the rebuild) goes dense,
+#: SmolLM2's at N = 1024 (4.69 vs 4) stays factorised.
+LOW_MEMORY_DENSE_BIAS = 0.95
+
 _forced: Optional[str] = None
+_low_memory: Optional[bool] = None
 
 
 def _policy() -> str:
@@ -118,8 +147,48 @@ def force_path(path: str) -> Iterator[None]:
         _forced = old
 
 
-def choose_path(n: int, d_in: int, d_out: int, rank: int, need_x: bool, need_s: bool) -> str:
-    """``"factorised"`` or ``"dense"`` for one training call (see the module docstring)."""
+def low_memory_enabled() -> bool:
+    """Whether low-memory mode is on (:func:`low_memory`, else ``VECTORFIT_LOW_MEMORY``)."""
+    if _low_memory is not None:
+        return _low_memory
+    v = os.environ.get("VECTORFIT_LOW_MEMORY", "").strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"VECTORFIT_LOW_MEMORY={v!r}; expected 1/true/yes/on or 0/false/no/off")
+
+
+@contextlib.contextmanager
+def low_memory(enabled: bool = True) -> Iterator[None]:
+    """Train in low-memory mode inside the block (see the module docstring): the dense path keeps
+    no weight-sized buffer between forward and backward, at the price of rebuilding ``W``.
+
+    The mode is read when a layer runs its forward pass; the backward follows what the forward
+    saved, so only the forward pass needs to run inside the block."""
+    global _low_memory
+    old, _low_memory = _low_memory, bool(enabled)
+    try:
+        yield
+    finally:
+        _low_memory = old
+
+
+def choose_path(
+    n: int, d_in: int, d_out: int, rank: int, need_x: bool, need_s: bool, low_mem: Optional[bool] = None
+) -> str:
+    """``"factorised"`` or ``"dense"`` for one training call (see the module docstring).
+
+    Args:
+        n: tokens in the call; d_in, d_out, rank: the layer's shape.
+        need_x, need_s: whether the input and the singular values need gradients.
+        low_mem: low-memory mode; ``None`` reads the current setting.
+
+    Returns:
+        The path with fewer multiply-adds (weighted by ``DENSE_BIAS``, or by
+        ``LOW_MEMORY_DENSE_BIAS`` in low-memory mode).
+    """
+    low_mem = low_memory_enabled() if low_mem is None else low_mem
     a, c, r = d_in, d_out, rank
     fact = n * r * (a + c)  # forward
     dense = r * c * a + n * a * c
@@ -127,11 +196,11 @@ def choose_path(n: int, d_in: int, d_out: int, rank: int, need_x: bool, need_s: 
         fact += n * c * r
     if need_x:
         fact += n * r * a
-        dense += n * c * a
+        dense += n * c * a + (r * c * a if low_mem else 0)  # dx = G W (W rebuilt in low-memory mode)
     if need_s:
         fact += n * r  # the elementwise pass, small
         dense += n * c * a + r * c * a
-    return "dense" if dense * DENSE_BIAS < fact else "factorised"
+    return "dense" if dense * (LOW_MEMORY_DENSE_BIAS if low_mem else DENSE_BIAS) < fact else "factorised"
 
 
 # ------------------------------------------------------------------------------------- autograd
@@ -176,20 +245,26 @@ class _Dense(torch.autograd.Function):
         dt = U.dtype
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         x2d = _cast(x2d, dt)
-        W = (U * s.to(dt)) @ Vh
+        sc = s.to(dt)
+        W = (U * sc) @ Vh
         y = torch.addmm(b.to(dt), x2d, W.t()) if b is not None else x2d @ W.t()
-        ctx.save_for_backward(x2d if need_s else None, U, Vh, W if need_x else None)
+        # dx = G W needs W: keep it (default), or in low-memory mode keep only the r-vector of
+        # singular values it was built from and rebuild W in the backward (r c a MACs).
+        keep_w = need_x and not low_memory_enabled()
+        ctx.save_for_backward(
+            x2d if need_s else None, U, Vh, W if keep_w else None, sc if need_x and not keep_w else None
+        )
         ctx.has_b = b is not None
         return y
 
     @staticmethod
     def backward(ctx, G: Tensor):  # type: ignore[override]
-        x2d, U, Vh, W = ctx.saved_tensors
+        x2d, U, Vh, W, sc = ctx.saved_tensors
         need_x, _, _, need_s, need_b = ctx.needs_input_grad
         G = _cast(G, U.dtype)
         dx = ds = db = None
         if need_x:
-            dx = G @ W
+            dx = G @ (W if W is not None else (U * sc) @ Vh)  # the forward's W, kept or rebuilt
         if need_s:
             M = G.t() @ x2d  # c x a: the dense weight gradient
             c, r = U.shape
@@ -253,6 +328,25 @@ def drop_cache(owner) -> None:
     owner._vf_dense_seen = None
 
 
+def _cast_factors(owner, U: Tensor, Vh: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``U`` and ``Vh`` in the compute dtype, for a training call.
+
+    Under autocast the frozen float32 factors would be cast on every forward pass (autocast caches
+    casts of trainable leaves only): 2 d^2 values per square layer and step, ~3% of a bf16 minilm
+    step. The cast copies are kept on the layer instead. They cost no extra peak memory: every
+    training forward saves them for its backward anyway, so at the peak they exist either way."""
+    if U.dtype == dtype:
+        return U, Vh
+    if owner is None:
+        return U.to(dtype), Vh.to(dtype)
+    key = (U.data_ptr(), U._version, Vh.data_ptr(), Vh._version, dtype, U.device)
+    cache = getattr(owner, "_vf_cast_cache", None)
+    if cache is None or cache[0] != key:
+        cache = (key, U.to(dtype), Vh.to(dtype))
+        owner._vf_cast_cache = cache
+    return cache[1], cache[2]
+
+
 def svd_linear(
     x: Tensor,
     U: Tensor,
@@ -284,6 +378,8 @@ def svd_linear(
 
     if not need_grad:
         # Inference: one GEMM with the cached W (see _cached_dense_weight), else the cheaper path.
+        if owner is not None:
+            owner._vf_cast_cache = None  # training's cast factors: inference keeps W instead
         W = _cached_dense_weight(owner, U, Vh, s, dtype) if owner is not None and policy == "auto" else None
         xc = _cast(x2d, dtype)
         bc = _cast(b, dtype)
@@ -300,10 +396,10 @@ def svd_linear(
 
     if owner is not None:
         drop_cache(owner)
-    U, Vh = _cast(U, dtype), _cast(Vh, dtype)  # autocast: cast like F.linear would
+    U, Vh = _cast_factors(owner, U, Vh, dtype)  # autocast: cast like F.linear would (kept, see there)
     if policy == "auto":
         need_s = s.requires_grad
-        policy = choose_path(n, a, c, r, x.requires_grad, need_s)
+        policy = choose_path(n, a, c, r, x.requires_grad, need_s, low_memory_enabled())
     fn = _Dense if policy == "dense" else _Factorised
     with torch.autocast(dev, enabled=False):
         y = fn.apply(x2d, U, Vh, s, b)

@@ -88,6 +88,9 @@ class TrainConfig:
     threads: Optional[int] = field(default=None, metadata=_help(
         "torch CPU threads; none = all cores"))
     device: str = field(default="cpu", metadata=_help("torch device (cpu, cuda, ...)"))
+    low_memory: bool = field(default=False, metadata=_help(
+        "VectorFit layers keep no weight-sized buffer between forward and backward (less memory, "
+        "a few percent slower; same numbers): see vectorfit.low_memory"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
 
     def validate(self) -> None:
@@ -279,8 +282,11 @@ def _process_settings(cfg: TrainConfig) -> Iterator[None]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    from vectorfit import low_memory
+
     try:
-        yield
+        with low_memory(cfg.low_memory):
+            yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=det_warn)

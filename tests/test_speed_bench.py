@@ -1,0 +1,31 @@
+"""The speed benchmark script runs end to end (a smoke run: its numbers are not checked here --
+performance is measured by the script, not asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--configs", "1", "--quick",
+           "--methods", "vectorfit,vectorfit_lowmem,lora", "--steps", "1", "--memory-steps", "1",
+           "--no-setup", "--no-inference", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "1-minilm-seqcls-32x64-fp32.json").read_text())
+    methods = ["vectorfit", "vectorfit_lowmem", "lora"]
+    assert res["methods"] == methods
+    for m in methods:
+        assert res["memory"][m]["peak_mb"] > 0, res["memory"][m]
+        assert res["step"][m]["train"]["n"] == 1 and res["step"][m]["eval"]["n"] == 1
+        assert f"step_train_{m}_over_lora" in res["ratios"] and f"peak_mem_{m}_over_lora" in res["ratios"]
+    # the same adapter either way: low-memory mode changes what is kept, not what is trained
+    assert res["trainable_params"]["vectorfit"] == res["trainable_params"]["vectorfit_lowmem"] == 35_330
+    assert "vectorfit_lowmem" in proc.stdout and "peak MB" in proc.stdout
