@@ -25,6 +25,7 @@ Usage::
     python benchmarks/speed.py                      # all configs, default settings
     python benchmarks/speed.py --configs 1,4 --quick
     python benchmarks/speed.py --layers             # per-layer timings behind the path selector
+    python benchmarks/speed.py --profile --configs 1  # per-op time and GEMM multiply-adds per method
     VECTORFIT_LAYER_PATH=reference python benchmarks/speed.py ...   # the straightforward layer
 
 Writes ``benchmarks/speed/<config>.json`` (``--out`` to change) with the exact command, versions and
@@ -300,8 +301,20 @@ def measure_steps(runs: dict, batch: dict, autocast: bool, warmup: int, steps: i
                 gc.enable()
                 if i >= warmup:
                     times[m][mode].append(dt)
-    return {m: {mode: {"median_s": median(v), "min_s": min(v) if v else None, "n": len(v)}
+    return {m: {mode: {"median_s": median(v), "min_s": min(v) if v else None, "n": len(v), "raw_s": v}
                 for mode, v in d.items()} for m, d in times.items()}
+
+
+def paired_quartiles(a: list, b: list) -> Optional[list]:
+    """Quartiles (25/50/75%) of the round-by-round ratios a[i] / b[i]: the methods run one step
+    each per round, so a ratio within a round shares that round's machine state."""
+    if not a or len(a) != len(b):
+        return None
+    r = sorted(x / y for x, y in zip(a, b))
+    if len(r) < 2:
+        return [r[0]] * 3
+    q = statistics.quantiles(r, n=4, method="inclusive")
+    return [q[0], q[1], q[2]]
 
 
 def measure_setup(base: torch.nn.Module, reps: int) -> dict:
@@ -485,6 +498,9 @@ def ratios(res: dict) -> dict:
                 a, b = st[m][mode]["median_s"], st[ref][mode]["median_s"]
                 if a and b:
                     out[f"step_{mode}_{m}_over_{ref}"] = a / b
+                    q = paired_quartiles(st[m][mode].get("raw_s", []), st[ref][mode].get("raw_s", []))
+                    if q is not None and m != ref:
+                        out[f"step_{mode}_{m}_over_{ref}_paired_quartiles"] = q
     mem = res.get("memory", {})
     if "lora" in mem and "peak_mb" in mem["lora"]:
         for m in mem:
@@ -518,6 +534,10 @@ def print_table(res: dict) -> None:
         row.append(f"{r:6.3f}" if r else f"{'-':>6s}")
         row.append(f"{res.get('trainable_params', {}).get(m, 0):10,d}")
         print(" ".join(row))
+    for m in st:
+        q = res["ratios"].get(f"step_train_{m}_over_lora_paired_quartiles")
+        if q:
+            print(f"{m} / lora train step, round by round: quartiles {q[0]:.3f} {q[1]:.3f} {q[2]:.3f}")
     s = res.get("setup")
     if s:
         print(f"setup: vectorfit cold {s['vectorfit_cold_s']:.3f}s, warm {s['vectorfit_warm_s']:.3f}s "
@@ -584,6 +604,62 @@ def layer_bench(args: argparse.Namespace) -> dict:
     return {"layers": out}
 
 
+# ================================================================================ where the time goes
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_config(key: str, args: argparse.Namespace) -> dict:
+    """Per-op CPU time and GEMM multiply-adds of a few train-mode steps of each method (torch
+    profiler, ``with_flops``), to show where VectorFit's extra step time goes.
+
+    The profiler's FLOP count of ``mm``/``addmm``/``bmm`` is 2 x multiply-adds; it is exact for
+    these ops, so the GEMM work of each method is counted, not estimated. Profiled steps run
+    slower than unprofiled ones: compare the methods with each other, not with the step table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = CONFIGS[key]
+    steps = 2 if args.quick else 4
+    torch.manual_seed(0)
+    base = load_base(cfg["model"])
+    base.train()
+    batch = make_batch(base, cfg["batch"], cfg["seq"])
+    methods = [m for m in args.methods if m != "bitfit" or has_target_biases(base)]
+    out: dict = {"config": key, **cfg, "profiled_steps": steps, "methods": {}}
+    print(f"\n=== profile, config {key}: {cfg['name']} ({steps} train-mode steps per method) ===", flush=True)
+    for m in methods:
+        run = Run(m, copy.deepcopy(base))
+        run.model.train()
+        for _ in range(2):  # warm-up (allocator, oneDNN primitives, AVF schedule)
+            run.step(batch, cfg["autocast"])
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            for _ in range(steps):
+                run.step(batch, cfg["autocast"])
+        ops = {}
+        for e in prof.key_averages():
+            ops[e.key] = {"self_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps,
+                          "gflop": (e.flops or 0) / 1e9 / steps}
+        gemm_ms = sum(v["self_ms"] for k, v in ops.items() if k in GEMM_OPS)
+        gemm_gmac = sum(v["gflop"] for k, v in ops.items() if k in GEMM_OPS) / 2
+        total_ms = sum(v["self_ms"] for v in ops.values())
+        rng_ms = ops.get("aten::bernoulli_", {}).get("self_ms", 0.0)
+        out["methods"][m] = {"total_ms": total_ms, "gemm_ms": gemm_ms, "gemm_gmac": gemm_gmac,
+                             "dropout_rng_ms": rng_ms, "other_ms": total_ms - gemm_ms - rng_ms,
+                             "gemm_gmac_per_s": gemm_gmac / (gemm_ms / 1e3) if gemm_ms else None,
+                             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["self_ms"])[:25])}
+        del run
+        gc.collect()
+    ref = out["methods"].get("lora")
+    print(f"{'method':16s} {'step ms':>8s} {'GEMM ms':>8s} {'GEMM GMAC':>10s} {'GMAC/s':>7s} {'dropout':>8s} {'other ms':>9s}"
+          + ("  vs lora: GEMM GMAC, step" if ref else ""))
+    for m, r in out["methods"].items():
+        line = (f"{m:16s} {r['total_ms']:8.1f} {r['gemm_ms']:8.1f} {r['gemm_gmac']:10.2f} {r['gemm_gmac_per_s']:7.1f} "
+                f"{r['dropout_rng_ms']:8.1f} {r['other_ms']:9.1f}")
+        if ref:
+            line += f"  {r['gemm_gmac'] / ref['gemm_gmac']:.3f}, {r['total_ms'] / ref['total_ms']:.3f}"
+        print(line, flush=True)
+    return out
+
+
 # ================================================================================ main
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -598,6 +674,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--no-setup", action="store_true")
     p.add_argument("--no-inference", action="store_true")
     p.add_argument("--layers", action="store_true", help="per-layer path timings instead of the model configs")
+    p.add_argument("--profile", action="store_true",
+                   help="where the time goes: per-op CPU time and GEMM multiply-adds per method (torch profiler)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -619,6 +697,12 @@ def main(argv: Optional[list] = None) -> None:
         print(f"wrote {outdir / 'layers.json'}")
         return
     for key in [k.strip() for k in args.configs.split(",") if k.strip()]:
+        if args.profile:
+            res = {**common, **profile_config(key, args)}
+            path = outdir / f"profile-{key}-{res['name']}.json"
+            path.write_text(json.dumps(res, indent=1))
+            print(f"wrote {path}", flush=True)
+            continue
         res = {**common, **run_config(key, args)}
         print_table(res)
         path = outdir / f"{key}-{res['name']}.json"

@@ -26,6 +26,9 @@ def test_speed_benchmark_smoke(tmp_path):
         assert res["memory"][m]["peak_mb"] > 0, res["memory"][m]
         assert res["step"][m]["train"]["n"] == 1 and res["step"][m]["eval"]["n"] == 1
         assert f"step_train_{m}_over_lora" in res["ratios"] and f"peak_mem_{m}_over_lora" in res["ratios"]
+        if m != "lora":  # one round: the round-by-round ratio is the ratio of the two raw times
+            q = res["ratios"][f"step_train_{m}_over_lora_paired_quartiles"]
+            assert q == [res["step"][m]["train"]["raw_s"][0] / res["step"]["lora"]["train"]["raw_s"][0]] * 3
     # the same adapter either way: low-memory mode changes what is kept, not what is trained
     assert res["trainable_params"]["vectorfit"] == res["trainable_params"]["vectorfit_lowmem"] == 35_330
     assert "vectorfit_lowmem" in proc.stdout and "peak MB" in proc.stdout
