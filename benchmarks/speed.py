@@ -557,7 +557,7 @@ def layer_bench(args: argparse.Namespace) -> dict:
     against LoRA r=1 and a full (trainable W) linear; interleaved, medians."""
     import torch.nn.functional as F
 
-    from vectorfit.functional import choose_path, force_path, svd_linear
+    from vectorfit.functional import choose_path, force_path, low_memory, svd_linear
 
     shapes = [(2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384), (2048, 768, 768), (2048, 768, 3072),
               (2048, 3072, 768), (1024, 576, 576), (1024, 576, 192), (1024, 576, 1536), (1024, 1536, 576)]
@@ -579,6 +579,9 @@ def layer_bench(args: argparse.Namespace) -> dict:
                         y = F.linear(x, W, b0) + F.linear(F.linear(x, A), B) * 8.0
                     elif meth == "full":
                         y = F.linear(x, Wp, b0)
+                    elif meth == "dense_lowmem":
+                        with force_path("dense"), low_memory():
+                            y = svd_linear(x, U, Vh, s, b)
                     else:
                         with force_path(meth):
                             y = svd_linear(x, U, Vh, s, b)
@@ -586,7 +589,7 @@ def layer_bench(args: argparse.Namespace) -> dict:
                 for t in (x, s, b, A, B, Wp):
                     t.grad = None
 
-            meths = ["lora", "full", "reference", "factorised", "dense"]
+            meths = ["lora", "full", "reference", "factorised", "dense", "dense_lowmem"]
             t: dict = {m: [] for m in meths}
             for i in range(reps + 1):
                 for m in (meths if i % 2 == 0 else meths[::-1]):
@@ -595,12 +598,15 @@ def layer_bench(args: argparse.Namespace) -> dict:
                     if i:
                         t[m].append(time.perf_counter() - t0)
             med = {m: median(v) * 1e3 for m, v in t.items()}
-            pick = choose_path(n, a, c, min(a, c), True, True)
+            pick = choose_path(n, a, c, min(a, c), True, True, low_mem=False)
+            pick_lm = choose_path(n, a, c, min(a, c), True, True, low_mem=True)
             row = {"n": n, "d_in": a, "d_out": c, "autocast_bf16": autocast, "ms": med, "auto_picks": pick,
+                   "auto_picks_low_memory": pick_lm,
                    "best_of_two": min(("factorised", "dense"), key=lambda m: med[m])}
             out.append(row)
             print(f"{'bf16' if autocast else 'fp32'} N={n:5d} {a:5d}->{c:5d} " + " ".join(f"{m}={v:7.2f}" for m, v in med.items())
-                  + f"  auto={pick:10s} best={row['best_of_two']:10s} auto/lora={med[pick] / med['lora']:.2f}", flush=True)
+                  + f"  auto={pick:10s} (low-memory: {pick_lm}) best={row['best_of_two']:10s} "
+                  f"auto/lora={med[pick] / med['lora']:.2f}", flush=True)
     return {"layers": out}
 
 
@@ -646,8 +652,9 @@ def profile_config(key: str, args: argparse.Namespace) -> dict:
                              "dropout_rng_ms": rng_ms, "other_ms": total_ms - gemm_ms - rng_ms,
                              "gemm_gmac_per_s": gemm_gmac / (gemm_ms / 1e3) if gemm_ms else None,
                              "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["self_ms"])[:25])}
-        del run
+        del run, prof
         gc.collect()
+        _trim()  # give the freed model back: four BERT-base runs in one process can exhaust 24 GB
     ref = out["methods"].get("lora")
     print(f"{'method':16s} {'step ms':>8s} {'GEMM ms':>8s} {'GEMM GMAC':>10s} {'GMAC/s':>7s} {'dropout':>8s} {'other ms':>9s}"
           + ("  vs lora: GEMM GMAC, step" if ref else ""))

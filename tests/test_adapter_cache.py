@@ -339,3 +339,21 @@ def test_llama_bias_in_bf16_merges_to_a_linear_with_bias(tmp_path):
     merged = vf.merge_and_unload()
     q = merged.get_submodule("model.layers.0.self_attn.q_proj")
     assert q.bias is not None and q.bias.dtype == torch.bfloat16
+
+
+def test_cache_entry_of_another_format_is_recomputed(tmp_path):
+    """An entry written by an older cache format (here: the right numbers under format 1's label)
+    is never trusted: it is recomputed and rewritten in the current format."""
+    root = tmp_path / "cache"
+    _apply(cache_dir=str(root))
+    victim = sorted(root.rglob("*.safetensors"))[0]
+    with safe_open(str(victim), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    current = meta["format"]
+    meta["format"] = "vectorfit-svd-1"
+    save_file(tensors, str(victim), metadata=meta)
+    vf, _, _ = _apply(cache_dir=str(root))
+    assert (vf.svd_cache.misses, vf.svd_cache.hits) == (1, N_BERT_TARGETS - 1)
+    with safe_open(str(victim), framework="pt") as f:
+        assert f.metadata()["format"] == current
