@@ -61,9 +61,10 @@ forward to the backward pass: d^2 floats against the N d of the input it multipl
 fraction d / N of that layer's activation memory. Rebuilding ``W`` in the backward instead costs
 r c a MACs, a fraction d / (3 N) of the layer's training work. Both ratios grow with d / N, so no
 shape tells which one a user would rather pay; the default keeps ``W`` (speed) and low-memory mode
-rebuilds it. Low-memory mode also prefers the dense path for square layers whose MAC counts are
-within ``LOW_MEMORY_DENSE_BIAS`` of each other: the dense path keeps its input ``x``, which q, k
-and v share, where the factorised path keeps its own N x r projection per layer. The measured
+rebuilds it. Low-memory mode also prefers the dense path when the two MAC counts are within 5%
+(``LOW_MEMORY_DENSE_BIAS``; in practice only square layers come that close): the dense path keeps
+its input ``x``, which q, k and v share, where the factorised path keeps its own N x r projection
+per layer. The measured
 trade (memory saved, time paid) is in ``benchmarks/SPEED.md``.
 
 Not done: fusing q, k, v (they share their input) into one call. Measured on the minilm shape
