@@ -60,7 +60,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # vectorfit_lowmem: the same VectorFit model trained in low-memory mode (vectorfit.low_memory).
-METHODS = ("vectorfit", "vectorfit_lowmem", "lora", "bitfit", "full")
+VECTORFIT_METHODS = ("vectorfit", "vectorfit_lowmem")
+METHODS = (*VECTORFIT_METHODS, "lora", "bitfit", "full")
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "1": dict(name="minilm-seqcls-32x64-fp32", model="minilm", batch=32, seq=64, autocast=False),
@@ -162,7 +163,7 @@ class Run:
         t0 = time.perf_counter()
         self.model = build(method, base, cache_dir)
         self.setup_s = time.perf_counter() - t0
-        if method.startswith("vectorfit"):
+        if method in VECTORFIT_METHODS:
             self.avf = self.model.avf
         self.low_memory = method == "vectorfit_lowmem"
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -188,7 +189,7 @@ class Run:
 def build(method: str, base: torch.nn.Module, cache_dir: Optional[str] = None) -> torch.nn.Module:
     """``method`` applied to ``base`` (modified in place)."""
     heads = head_names(base)
-    if method in ("vectorfit", "vectorfit_lowmem"):
+    if method in VECTORFIT_METHODS:
         from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
 
         # AVF active during the timed steps: an AVF step every 2 optimizer steps from step 2 on.
@@ -224,6 +225,11 @@ def build(method: str, base: torch.nn.Module, cache_dir: Optional[str] = None) -
 
 def has_target_biases(base: torch.nn.Module) -> bool:
     return any(base.get_submodule(n).bias is not None for n in target_names(base))
+
+
+def runnable_methods(methods: list, base: torch.nn.Module) -> list:
+    """``methods`` without BitFit where the target modules have no biases (Llama)."""
+    return [m for m in methods if m != "bitfit" or has_target_biases(base)]
 
 
 # ================================================================================ helpers
@@ -454,7 +460,7 @@ def run_config(key: str, args: argparse.Namespace) -> dict:
     base = load_base(cfg["model"])
     base.train()
     batch = make_batch(base, cfg["batch"], cfg["seq"])
-    methods = [m for m in args.methods if m != "bitfit" or has_target_biases(base)]
+    methods = runnable_methods(args.methods, base)
     skipped = {m: "the target modules have no biases" for m in args.methods if m not in methods}
     result: dict = {"config": key, **cfg, "methods": methods, "skipped": skipped,
                     "warmup": warmup, "steps": steps}
@@ -475,7 +481,7 @@ def run_config(key: str, args: argparse.Namespace) -> dict:
 
     # One model per method, trained interleaved; the VectorFit SVDs come from the cache filled above.
     with tempfile.TemporaryDirectory(prefix="vf-bench-svd-") as d:
-        runs = {m: Run(m, copy.deepcopy(base), cache_dir=d if m.startswith("vectorfit") else None) for m in methods}
+        runs = {m: Run(m, copy.deepcopy(base), cache_dir=d if m in VECTORFIT_METHODS else None) for m in methods}
     for r in runs.values():
         result.setdefault("trainable_params", {})[r.method] = r.trainable
     steps_res = measure_steps(runs, batch, cfg["autocast"], warmup, steps)
@@ -629,7 +635,7 @@ def profile_config(key: str, args: argparse.Namespace) -> dict:
     base = load_base(cfg["model"])
     base.train()
     batch = make_batch(base, cfg["batch"], cfg["seq"])
-    methods = [m for m in args.methods if m != "bitfit" or has_target_biases(base)]
+    methods = runnable_methods(args.methods, base)
     out: dict = {"config": key, **cfg, "profiled_steps": steps, "methods": {}}
     print(f"\n=== profile, config {key}: {cfg['name']} ({steps} train-mode steps per method) ===", flush=True)
     for m in methods:

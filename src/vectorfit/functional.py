@@ -242,7 +242,7 @@ class _Factorised(torch.autograd.Function):
 
 class _Dense(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x2d: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optional[Tensor], low_mem: bool) -> Tensor:  # type: ignore[override]
         dt = U.dtype
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         x2d = _cast(x2d, dt)
@@ -251,7 +251,7 @@ class _Dense(torch.autograd.Function):
         y = torch.addmm(b.to(dt), x2d, W.t()) if b is not None else x2d @ W.t()
         # dx = G W needs W: keep it (default), or in low-memory mode keep only the r-vector of
         # singular values it was built from and rebuild W in the backward (r c a MACs).
-        keep_w = need_x and not low_memory_enabled()
+        keep_w = need_x and not low_mem
         ctx.save_for_backward(
             x2d if need_s else None, U, Vh, W if keep_w else None, sc if need_x and not keep_w else None
         )
@@ -261,7 +261,7 @@ class _Dense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G: Tensor):  # type: ignore[override]
         x2d, U, Vh, W, sc = ctx.saved_tensors
-        need_x, _, _, need_s, need_b = ctx.needs_input_grad
+        need_x, _, _, need_s, need_b, _ = ctx.needs_input_grad
         G = _cast(G, U.dtype)
         dx = ds = db = None
         if need_x:
@@ -276,7 +276,7 @@ class _Dense(torch.autograd.Function):
                 ds = _rowdot((M @ Vh.t()).t(), U.t())  # (c x r)^T
         if need_b and ctx.has_b:
             db = G.sum(0, dtype=torch.float32)
-        return dx, None, None, ds, db
+        return dx, None, None, ds, db, None
 
 
 def _colsum_product(P: Tensor, h: Tensor) -> Tensor:
@@ -398,10 +398,9 @@ def svd_linear(
     if owner is not None:
         drop_cache(owner)
     U, Vh = _cast_factors(owner, U, Vh, dtype)  # autocast: cast like F.linear would (kept, see there)
+    low_mem = low_memory_enabled()  # read once: the path choice and what _Dense keeps must agree
     if policy == "auto":
-        need_s = s.requires_grad
-        policy = choose_path(n, a, c, r, x.requires_grad, need_s, low_memory_enabled())
-    fn = _Dense if policy == "dense" else _Factorised
+        policy = choose_path(n, a, c, r, x.requires_grad, s.requires_grad, low_mem)
     with torch.autocast(dev, enabled=False):
-        y = fn.apply(x2d, U, Vh, s, b)
+        y = _Dense.apply(x2d, U, Vh, s, b, low_mem) if policy == "dense" else _Factorised.apply(x2d, U, Vh, s, b)
     return y.reshape(*lead, c)
