@@ -41,7 +41,11 @@ class Run:
         args = ["train", "--task", self.task, "--model", self.model, "--method", self.method,
                 "--seed", str(self.seed), "--lr", repr(self.lr), "--output", str(output), "--no-progress"]
         for k, v in self.settings:
-            args += [f"--{k.replace('_', '-')}", str(v)]
+            flag = k.replace("_", "-")
+            if isinstance(v, bool):  # BooleanOptionalAction flags take no value
+                args.append(f"--{flag}" if v else f"--no-{flag}")
+            else:
+                args += [f"--{flag}", "none" if v is None else str(v)]
         return args
 
 
@@ -51,53 +55,109 @@ def suites() -> dict[str, dict]:
 
 
 def runs_of(name: str) -> list[Run]:
-    """Every run of suite ``name``, in execution order (seed-major, so early stops still cover all
-    methods and tasks with at least one seed)."""
+    """Every run of suite ``name``, in execution order: seed-major, then each method's first rate
+    before any method's second, so a suite stopped early still covers every method and task."""
     table = suites()
     if name not in table:
         raise SystemExit(f"vectorfit bench: unknown suite {name!r}; known: {', '.join(sorted(table))}")
     s = table[name]
     settings = tuple(sorted(s.get("settings", {}).items()))
     mt = methods_mod.method_table()
-    out = []
+    out: list[tuple[int, int, Run]] = []
     for seed in s["seeds"]:
         for task in s["tasks"]:
             for model in s["models"]:
                 for method in s["methods"]:
-                    lrs = mt[method].get("sweep", [mt[method]["lr"]]) if s.get("lr_sweep") else [mt[method]["lr"]]
-                    out += [Run(task, model, method, seed, float(lr), settings) for lr in lrs]
-    return out
+                    if method in s.get("lrs", {}):  # the suite's own rates (e.g. a sweep at another budget)
+                        lrs = s["lrs"][method]
+                    elif s.get("lr_sweep"):
+                        lrs = mt[method].get("sweep", [mt[method]["lr"]])
+                    else:
+                        lrs = [mt[method]["lr"]]
+                    out += [(seed, rank, Run(task, model, method, seed, float(lr), settings))
+                            for rank, lr in enumerate(lrs)]
+    return [r for _, _, r in sorted(out, key=lambda x: (x[0], x[1]))]  # stable: keeps task/method order
 
 
-def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print) -> int:
-    """Run the missing runs of a suite. Returns the number of failed runs."""
+def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,
+              jobs: int = 1, threads: Optional[int] = None) -> int:
+    """Run the missing runs of a suite. Returns the number of failed runs.
+
+    Args:
+        name: a suite of ``configs/suites.json``.
+        results: the results folder (one JSON file per run).
+        dry_run: only list the missing runs' commands.
+        limit: run at most this many missing runs.
+        jobs: runs at once, each in its own process. Two one-thread runs use a 2-core machine
+            better than one two-thread run, and keep threads from spin-waiting against each other.
+        threads: torch threads per run; none = 1 when ``jobs > 1``, else torch's default. Not part
+            of a run's identity: it changes the speed, not the numbers.
+    """
+    import os
+
     from tqdm.auto import tqdm
 
+    if jobs < 1:
+        raise SystemExit(f"vectorfit bench: --jobs must be >= 1, got {jobs}")
     todo = [r for r in runs_of(name) if not r.path(results).exists()]
     total = len(runs_of(name))
     log(f"[bench] suite {name}: {total - len(todo)} of {total} runs already done, {len(todo)} to go; results in {results}")
     if limit is not None:
         todo = todo[:limit]
+    if threads is None and jobs > 1:
+        threads = 1
+    extra = ["--threads", str(threads)] if threads else []
     if dry_run:
         for r in todo:
-            log("  vectorfit " + " ".join(r.argv(r.path(results))))
+            log("  vectorfit " + " ".join(r.argv(r.path(results)) + extra))
         return 0
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
     failed = 0
-    bar = tqdm(todo, desc=f"bench {name}", dynamic_ncols=True)
-    for r in bar:
-        bar.set_postfix_str(f"{r.task}/{r.method}/lr{r.lr:g}/s{r.seed}")
-        out = r.path(results)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log_path = out.with_suffix(".log")
-        t = time.perf_counter()
-        with open(log_path, "w") as f:
-            rc = subprocess.call([sys.executable, "-m", "vectorfit_recipes", *r.argv(out)], stdout=f, stderr=subprocess.STDOUT)
-        if rc != 0 or not out.exists():
-            failed += 1
-            tqdm.write(f"[bench] FAILED ({rc}) {r}; log: {log_path}")
-        else:
-            log_path.unlink()
-            res = json.loads(out.read_text())
-            tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: test {res['metric']} "
-                       f"{res['test']:.4f} (val {res['validation']:.4f}) in {time.perf_counter() - t:.0f}s")
+    running: list[tuple[Run, subprocess.Popen, Any, float]] = []
+    bar = tqdm(total=len(todo), desc=f"bench {name}", dynamic_ncols=True)
+
+    def reap(block: bool) -> None:
+        nonlocal failed
+        while running:
+            for i, (r, proc, f, t) in enumerate(running):
+                if proc.poll() is not None:
+                    break
+            else:
+                if not block:
+                    return
+                time.sleep(1.0)
+                continue
+            running.pop(i)
+            f.close()
+            out, log_path = r.path(results), r.path(results).with_suffix(".log")
+            if proc.returncode != 0 or not out.exists():
+                failed += 1
+                tqdm.write(f"[bench] FAILED ({proc.returncode}) {r}; log: {log_path}")
+            else:
+                log_path.unlink()
+                res = json.loads(out.read_text())
+                tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: test {res['metric']} "
+                           f"{res['test']:.4f} (val {res['validation']:.4f}) in {time.perf_counter() - t:.0f}s")
+            bar.update(1)
+            return
+
+    try:
+        for r in todo:
+            while len(running) >= jobs:
+                reap(block=True)
+            bar.set_postfix_str(f"{r.task}/{r.method}/lr{r.lr:g}/s{r.seed}")
+            out = r.path(results)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(out.with_suffix(".log"), "w")
+            proc = subprocess.Popen([sys.executable, "-m", "vectorfit_recipes", *r.argv(out), *extra],
+                                    stdout=f, stderr=subprocess.STDOUT, env=env)
+            running.append((r, proc, f, time.perf_counter()))
+        while running:
+            reap(block=True)
+    finally:
+        for _, proc, f, _ in running:  # interrupted: stop the children, keep nothing half-done
+            proc.terminate()
+            f.close()
+        bar.close()
     return failed

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--results", default="benchmarks/results", help="results folder (default: %(default)s)")
     p_bench.add_argument("--dry-run", action="store_true", help="list the missing runs' commands, run nothing")
     p_bench.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
+    p_bench.add_argument("--jobs", type=int, default=1,
+                         help="runs at once, each in its own process (default: %(default)s); 2 on a 2-core machine")
+    p_bench.add_argument("--threads", type=int, default=None,
+                         help="torch threads per run (default: 1 when --jobs > 1, else torch's default)")
 
     p_report = sub.add_parser("report", help="turn result files into a Markdown report with tables and plots")
     p_report.add_argument("--results", default="benchmarks/results", help="results folder (default: %(default)s)")
@@ -218,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             from .bench import run_suite
 
-            return 1 if run_suite(ns.suite, Path(ns.results), dry_run=ns.dry_run, limit=ns.limit) else 0
+            return 1 if run_suite(ns.suite, Path(ns.results), dry_run=ns.dry_run, limit=ns.limit,
+                                  jobs=ns.jobs, threads=ns.threads) else 0
         if ns.command == "report":
             from pathlib import Path
 

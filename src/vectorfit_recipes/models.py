@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,14 @@ from typing import Any
 
 from . import assets
 
-__all__ = ["ModelInfo", "MODELS", "get_model_info", "model_path", "set_offline", "load_tokenizer",
-           "load_model"]
+__all__ = ["ModelInfo", "MODELS", "POOLINGS", "get_model_info", "model_path", "set_offline", "load_tokenizer",
+           "load_model", "use_mean_pooling"]
+
+#: How the sequence-classification head reads the encoder: ``mean`` = the attention-masked mean of the
+#: last hidden states (the pooling these sentence-transformers checkpoints were trained with, see
+#: their ``1_Pooling/config.json``); ``pooler`` = transformers' default, ``tanh(dense(h_CLS))``, whose
+#: dense layer the sentence-transformers training never used and which only full fine-tuning trains.
+POOLINGS = ("mean", "pooler")
 
 
 @dataclass(frozen=True)
@@ -59,16 +66,71 @@ def load_tokenizer(name: str) -> Any:
     return AutoTokenizer.from_pretrained(str(model_path(name)))
 
 
-def load_model(name: str, num_labels: int, **kwargs: Any) -> Any:
+def load_model(name: str, num_labels: int, pooling: str = "mean", **kwargs: Any) -> Any:
     """``AutoModelForSequenceClassification`` with a new head of ``num_labels`` outputs.
 
-    ``num_labels=1`` makes a regression head (MSE loss). The head is initialised from torch's global
-    RNG: seed before calling for a reproducible run.
+    Args:
+        name: a key of :data:`MODELS`.
+        num_labels: head outputs; ``1`` makes a regression head (MSE loss).
+        pooling: one of :data:`POOLINGS`. ``mean`` replaces a BERT-style ``pooler`` by
+            :class:`MaskedMeanPooler` (no parameters), so every method's head is the same single
+            linear ``classifier`` over the features the checkpoint was trained to produce.
+        **kwargs: passed to ``from_pretrained``.
+
+    Returns:
+        The model. The head is initialised from torch's global RNG: seed before calling.
     """
     set_offline()
     from transformers import AutoModelForSequenceClassification
 
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
     if num_labels == 1:
         kwargs.setdefault("problem_type", "regression")
-    return AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         str(model_path(name)), num_labels=num_labels, **kwargs)
+    if pooling == "mean":
+        use_mean_pooling(model)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_pooler_class() -> type:
+    # Built on first use: this module is imported by `vectorfit --help`, which should not load torch.
+    import torch
+    from torch import nn
+
+    class MaskedMeanPooler(nn.Module):
+        """Mean of the last hidden states over the real (attention-mask 1) tokens.
+
+        transformers calls a BERT pooler with the hidden states only, so a forward pre-hook on the
+        encoder hands it the attention mask of the same call (``self.mask``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.mask: Any = None
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            if self.mask is None:
+                return hidden.mean(dim=1)
+            m = self.mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+    return MaskedMeanPooler
+
+
+def use_mean_pooling(model: Any) -> Any:
+    """Replace the ``pooler`` of a BERT-style ``*ForSequenceClassification`` model in place by a
+    parameter-free masked mean (see :data:`POOLINGS`). Raises ``ValueError`` for models whose head
+    does not read a ``pooler`` (e.g. MPNet's own classification head)."""
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ValueError(f"{type(model).__name__} has no BERT-style pooler to replace; use pooling='pooler'")
+    pooler = _mean_pooler_class()()
+    encoder.pooler = pooler
+
+    def remember_mask(module: Any, args: tuple, kwargs: dict) -> None:
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    return model

@@ -35,77 +35,12 @@ from . import data as data_mod
 from . import methods as methods_mod
 from . import models as models_mod
 from .methods import METHODS, VECTORFIT_METHODS
+from .train_config import TrainConfig
 
-__all__ = ["TrainConfig", "VECTORFIT_METHODS", "METHODS", "run", "evaluate", "RESULT_SCHEMA_VERSION"]
+__all__ = ["TrainConfig", "VECTORFIT_METHODS", "METHODS", "run", "evaluate", "RESULT_SCHEMA_VERSION",
+           "prepare_data", "build_method", "train_loop", "record", "RunData", "Setup", "Outcome"]
 
 RESULT_SCHEMA_VERSION = 1
-
-
-def _help(text: str, **extra: Any) -> dict:
-    return {"help": text, **extra}
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run. Every field is a command-line flag (``--max-len`` etc.)."""
-
-    task: str = field(default="movie", metadata=_help(
-        "dataset to train and evaluate on", choices=tuple(data_mod.DATASETS)))
-    model: str = field(default="minilm", metadata=_help(
-        "pretrained model", choices=tuple(models_mod.MODELS)))
-    method: str = field(default="vectorfit", metadata=_help(
-        "fine-tuning method: a VectorFit variant (vectorfit = the full method with AVF) or a baseline "
-        "(peft LoRA/AdaLoRA/VeRA/IA3/BEFT, BitFit, full fine-tuning)", choices=METHODS))
-    seed: int = field(default=0, metadata=_help(
-        "seed for head initialisation, dropout and data order; a run is deterministic given the seed"))
-    epochs: int = field(default=2, metadata=_help("passes over the (capped) training set"))
-    max_steps: Optional[int] = field(default=None, metadata=_help(
-        "stop after this many optimizer steps (the AVF schedule is derived from the shortened run)"))
-    max_train_examples: Optional[int] = field(default=2000, metadata=_help(
-        "cap on training examples (a fixed, seed-independent subsample); none = all"))
-    max_eval_examples: Optional[int] = field(default=None, metadata=_help(
-        "cap on validation and test examples (fixed subsample); none = the whole split"))
-    max_len: int = field(default=64, metadata=_help("maximum sequence length in tokens (longer texts are truncated)"))
-    batch_size: int = field(default=32, metadata=_help("training batch size"))
-    eval_batch_size: int = field(default=128, metadata=_help("evaluation batch size"))
-    lr: Optional[float] = field(default=None, metadata=_help(
-        "AdamW learning rate; none = the method's rate from configs/methods.json (see its 'source' there)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (paper: 0)"))
-    avf_k: int = field(default=5, metadata=_help("AVF: vectors frozen at each AVF step (paper: 5)"))
-    avf_beta: float = field(default=0.99, metadata=_help("AVF: EMA factor of the training strength (paper: 0.99)"))
-    avf_start: Optional[int] = field(default=None, metadata=_help(
-        "AVF: first AVF step t_i; none = derived from the run length"))
-    avf_interval: Optional[int] = field(default=None, metadata=_help(
-        "AVF: steps between AVF steps t_f; none = derived (about one epoch)"))
-    avf_num_freezes: Optional[int] = field(default=None, metadata=_help(
-        "AVF: number of AVF steps n_f; none = derived"))
-    eval_before: bool = field(default=True, metadata=_help("measure the test metric before fine-tuning"))
-    select_on_validation: bool = field(default=True, metadata=_help(
-        "evaluate on validation after each epoch and test the best epoch's weights (else the last)"))
-    output: Optional[str] = field(default=None, metadata=_help("write the result as JSON to this file"))
-    save_adapter: Optional[str] = field(default=None, metadata=_help(
-        "save the trained adapter to this folder"))
-    threads: Optional[int] = field(default=None, metadata=_help(
-        "torch CPU threads; none = all cores"))
-    device: str = field(default="cpu", metadata=_help("torch device (cpu, cuda, ...)"))
-    low_memory: bool = field(default=False, metadata=_help(
-        "VectorFit layers keep no weight-sized buffer between forward and backward (less memory, "
-        "a few percent slower; same numbers): see vectorfit.low_memory"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not available; choose one of {', '.join(METHODS)}")
-        data_mod.get_dataset_info(self.task)
-        models_mod.get_model_info(self.model)
-        for name in ("epochs", "max_len", "batch_size", "eval_batch_size", "avf_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_examples", "max_eval_examples", "threads",
-                     "avf_start", "avf_interval", "avf_num_freezes"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 or none, got {v}")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -297,188 +232,246 @@ def _process_settings(cfg: TrainConfig) -> Iterator[None]:
 
 
 def run(cfg: TrainConfig, log: Any = print) -> dict:
-    """Train, evaluate, and return (and optionally write) the result dictionary."""
+    """Train, evaluate, and return (and optionally write) the result dictionary.
+
+    The stages are separate functions (data -> build -> loop -> evaluate -> record) so that other
+    entry points (generation tasks, launchers) can reuse or replace one of them.
+    """
     cfg.validate()
     models_mod.set_offline()
     with _process_settings(cfg):
-        return _run(cfg, log)
+        t_start = time.perf_counter()
+        data = prepare_data(cfg, log)
+        setup = build_method(cfg, data, log)
+        outcome = train_loop(cfg, data, setup, log)
+        result = record(cfg, data, setup, outcome, t_start, log)
+    return result
 
 
-def _run(cfg: TrainConfig, log: Any) -> dict:
-    t_start = time.perf_counter()
+@dataclass
+class RunData:
+    """Stage 1: the tokenised splits and the run length in optimizer steps."""
 
+    info: Any
+    stats: dict
+    train: _Encoded
+    validation: _Encoded
+    test: _Encoded
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+
+@dataclass
+class Setup:
+    """Stage 2: the wrapped model and what was measured while building it."""
+
+    built: methods_mod.Built
+    device: Any
+    trainable: int
+    total: int
+    setup_seconds: float
+    test_before: Optional[float]
+    spectra_layers: list = field(default_factory=list)
+    w_init: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """Stage 3: what the training loop produced."""
+
+    lr: float
+    steps: int
+    losses: list
+    val_history: list
+    curve: list
+    best_val: Optional[float]
+    best_epoch: Optional[int]
+    train_seconds: float
+
+
+def prepare_data(cfg: TrainConfig, log: Any = print) -> RunData:
+    """Load the task, cap and tokenise its splits, and work out the run length."""
     import torch
-    from tqdm.auto import tqdm
-
-    device = torch.device(cfg.device)
 
     ds = data_mod.load_dataset(cfg.task)
-    info = ds.info
     train_ex = _cap(ds.train, cfg.max_train_examples)
     val_ex = _cap(ds.validation, cfg.max_eval_examples)
     test_ex = _cap(ds.test, cfg.max_eval_examples)
     log(f"[vectorfit] task {cfg.task}: {ds.summary()}")
     log(f"[vectorfit] using train {len(train_ex)}, validation {len(val_ex)}, test {len(test_ex)}; "
         f"model {cfg.model}, method {cfg.method}, seed {cfg.seed}, {torch.get_num_threads()} threads")
-
     tokenizer = models_mod.load_tokenizer(cfg.model)
-    regression = info.is_regression
-    enc_train = _Encoded(tokenizer, train_ex, cfg.max_len, regression)
-    enc_val = _Encoded(tokenizer, val_ex, cfg.max_len, regression)
-    enc_test = _Encoded(tokenizer, test_ex, cfg.max_len, regression)
-
-    steps_per_epoch = math.ceil(len(enc_train) / cfg.batch_size)
+    regression = ds.info.is_regression
+    enc = [_Encoded(tokenizer, ex, cfg.max_len, regression) for ex in (train_ex, val_ex, test_ex)]
+    steps_per_epoch = math.ceil(len(enc[0]) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    return RunData(ds.info, ds.stats, *enc, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                   epochs=math.ceil(total_steps / steps_per_epoch))
 
+
+def build_method(cfg: TrainConfig, data: RunData, log: Any = print) -> Setup:
+    """Load the pretrained model with a new head (seeded), wrap it for the method, and measure the
+    test metric before fine-tuning."""
+    import torch
+
+    device = torch.device(cfg.device)
     seed_everything(cfg.seed)
-    base = models_mod.load_model(cfg.model, info.num_labels)
+    base = models_mod.load_model(cfg.model, data.info.num_labels, pooling=cfg.pooling)
     t_wrap = time.perf_counter()
     spectra_layers = _spectra_layers(base) if cfg.method in SPECTRA_METHODS else []
-    w_init = {n: base.get_submodule(n).weight.detach().clone() for n in spectra_layers} if cfg.method == "full" else {}
+    w_init = ({n: base.get_submodule(n).weight.detach().clone() for n in spectra_layers}
+              if cfg.method == "full" else {})
     avf_options = dict(k=cfg.avf_k, beta=cfg.avf_beta, start_step=cfg.avf_start, interval=cfg.avf_interval,
                        num_freezes=cfg.avf_num_freezes)
-    built = methods_mod.build(cfg.method, base, total_steps, steps_per_epoch, avf_options=avf_options)
-    model, method_config, avf = built.model, built.config, built.avf
+    built = methods_mod.build(cfg.method, base, data.total_steps, data.steps_per_epoch, avf_options=avf_options)
     wrap_s = time.perf_counter() - t_wrap
-    model.to(device)
+    built.model.to(device)
     trainable, total = built.parameter_counts()
     log(f"[vectorfit] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
         f"method set-up {wrap_s:.1f}s")
-
     before = None
     if cfg.eval_before:
-        before = evaluate(model, enc_test, info.metric, cfg.eval_batch_size, device, cfg.progress, "test (before)")
-        log(f"[vectorfit] test {info.metric} before fine-tuning: {before:.4f}")
+        before = evaluate(built.model, data.test, data.info.metric, cfg.eval_batch_size, device, cfg.progress,
+                          "test (before)")
+        log(f"[vectorfit] test {data.info.metric} before fine-tuning: {before:.4f}")
+    return Setup(built, device, trainable, total, wrap_s, before, spectra_layers, w_init)
 
+
+def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) -> Outcome:
+    """AdamW over the trainable parameters for ``data.total_steps`` optimizer steps.
+
+    Validation after each epoch (``select_on_validation``: the best epoch's weights are restored at
+    the end); validation and test at each step of ``cfg.eval_steps`` (the learning curve: the
+    weights of that very step, no selection). Evaluation time is not counted as training time.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    model, built, device, metric = setup.built.model, setup.built, setup.device, data.info.metric
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if cfg.lr is not None else methods_mod.default_lr(cfg.method)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
+    curve_at = [s for s in cfg.curve_steps() if s <= data.total_steps]
+
+    def ev(split: _Encoded, desc: str) -> float:
+        return evaluate(model, split, metric, cfg.eval_batch_size, device, cfg.progress, desc)
 
     model.train()
-    global_step = 0
-    losses: list[float] = []
-    val_history: list[dict] = []
+    step, losses, val_history, curve = 0, [], [], []
     best_val, best_state, best_epoch = None, None, None
-    val_s = 0.0
+    eval_s = 0.0
     t_train = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"train {cfg.method}", disable=not cfg.progress, dynamic_ncols=True)
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(len(enc_train), generator=gen).tolist()
+    bar = tqdm(total=data.total_steps, desc=f"train {cfg.method}", disable=not cfg.progress, dynamic_ncols=True)
+    for epoch in range(1, data.epochs + 1):
+        perm = torch.randperm(len(data.train), generator=gen).tolist()
         for s in range(0, len(perm), cfg.batch_size):
-            if global_step >= total_steps:
+            if step >= data.total_steps:
                 break
-            batch = enc_train.batch(perm[s: s + cfg.batch_size], device)
-            loss = model(**batch).loss
+            loss = model(**data.train.batch(perm[s: s + cfg.batch_size], device)).loss
             loss.backward()
-            global_step += 1
+            step += 1
             if built.before_optimizer_step is not None:  # AVF: freeze between backward and step
-                built.before_optimizer_step(global_step)
+                built.before_optimizer_step(step)
             optimizer.step()
             if built.after_optimizer_step is not None:
-                built.after_optimizer_step(global_step)
+                built.after_optimizer_step(step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             bar.update(1)
-            if global_step % 5 == 0 or global_step == total_steps:
+            if step % 5 == 0 or step == data.total_steps:
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", epoch=epoch)
+            if curve_at and step == curve_at[0]:
+                curve_at.pop(0)
+                t_ev = time.perf_counter()
+                point = {"step": step, "epoch": round(step / data.steps_per_epoch, 3),
+                         "train_loss": sum(losses[-20:]) / len(losses[-20:]),
+                         "validation": ev(data.validation, f"validation @{step}"), "test": ev(data.test, f"test @{step}")}
+                eval_s += time.perf_counter() - t_ev
+                curve.append(point)
+                tqdm.write(f"[curve] step {step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
         if cfg.select_on_validation:
-            t_val = time.perf_counter()
-            v = evaluate(model, enc_val, info.metric, cfg.eval_batch_size, device, cfg.progress, "validation")
-            val_s += time.perf_counter() - t_val
-            val_history.append({"epoch": epoch, "step": global_step, info.metric: v})
+            t_ev = time.perf_counter()
+            v = ev(data.validation, "validation")
+            eval_s += time.perf_counter() - t_ev
+            val_history.append({"epoch": epoch, "step": step, metric: v})
             if best_val is None or v > best_val:
                 best_val, best_epoch = v, epoch
-                if epoch < epochs:  # the last epoch's weights are in the model already
-                    best_state = {id(p): p.detach().clone() for p in params}
-                else:
-                    best_state = None
+                # the last epoch's weights are in the model already
+                best_state = {id(p): p.detach().clone() for p in params} if epoch < data.epochs else None
     bar.close()
-    train_s = time.perf_counter() - t_train - val_s  # optimisation only, without the validation passes
+    train_s = time.perf_counter() - t_train - eval_s  # optimisation only
     if best_state is not None:  # an earlier epoch was better on validation
         with torch.no_grad():
             for p in params:
                 p.copy_(best_state[id(p)])
+    return Outcome(lr, step, losses, val_history, curve, best_val, best_epoch, train_s)
 
-    after = evaluate(model, enc_test, info.metric, cfg.eval_batch_size, device, cfg.progress, "test")
+
+def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start: float,
+           log: Any = print) -> dict:
+    """Test the kept weights, measure the adapter, and build (and optionally write) the result."""
+    import torch
+
+    built, model, metric = setup.built, setup.built.model, data.info.metric
+    best_val, best_epoch = out.best_val, out.best_epoch
+    if best_val is None and out.curve and out.curve[-1]["step"] == out.steps:
+        # no selection and the curve measured these very weights at the last step: reuse, do not repeat
+        after, best_val, best_epoch = out.curve[-1]["test"], out.curve[-1]["validation"], data.epochs
+    else:
+        after = evaluate(model, data.test, metric, cfg.eval_batch_size, setup.device, cfg.progress, "test")
     if best_val is None:
-        best_val = evaluate(model, enc_val, info.metric, cfg.eval_batch_size, device, cfg.progress, "validation")
-        best_epoch = epochs
+        best_val = evaluate(model, data.validation, metric, cfg.eval_batch_size, setup.device, cfg.progress,
+                            "validation")
+        best_epoch = data.epochs
 
-    # adapter size (and optionally keep it)
-    adapter_bytes = None
     if cfg.save_adapter:
         built.save(cfg.save_adapter)
         adapter_bytes = _dir_bytes(Path(cfg.save_adapter))
-    else:
+    else:  # measure the adapter's size all the same
         with tempfile.TemporaryDirectory(prefix="vectorfit-adapter-") as d:
             built.save(d)
             adapter_bytes = _dir_bytes(Path(d))
 
-    avf_info = None
-    if avf is not None:
-        avf_info = {
-            "schedule": _jsonable(avf.schedule()) if hasattr(avf, "schedule") else None,
-            "history": _jsonable(getattr(avf, "history", None)),
-            "frozen_at_end": _jsonable(getattr(avf, "frozen", None)),
-        }
-    delta_spectra = _delta_spectra(model, spectra_layers, w_init) if spectra_layers else None
-    strengths = None
-    if hasattr(model, "training_strengths"):
-        strengths = _jsonable(model.training_strengths())
-
+    avf = built.avf
+    avf_info = None if avf is None else {
+        "schedule": _jsonable(avf.schedule()) if hasattr(avf, "schedule") else None,
+        "history": _jsonable(getattr(avf, "history", None)),
+        "frozen_at_end": _jsonable(getattr(avf, "frozen", None)),
+    }
     wall_s = time.perf_counter() - t_start
     result = {
         "schema_version": RESULT_SCHEMA_VERSION,
-        "task": cfg.task,
-        "model": cfg.model,
-        "method": cfg.method,
-        "method_config": method_config,
-        "seed": cfg.seed,
-        "metric": info.metric,
-        "test_before": before,
-        "test": after,
-        "validation": best_val,
-        "best_epoch": best_epoch,
-        "validation_history": val_history,
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": adapter_bytes,
-        "steps": global_step,
-        "epochs": epochs,
-        "n_train": len(enc_train),
-        "n_validation": len(enc_val),
-        "n_test": len(enc_test),
-        "final_train_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
-        "train_seconds": train_s,
-        "wall_seconds": wall_s,
-        "peak_rss_mb": _peak_rss_mb(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
+        "task": cfg.task, "model": cfg.model, "method": cfg.method, "method_config": built.config,
+        "seed": cfg.seed, "metric": metric,
+        "test_before": setup.test_before, "test": after, "validation": best_val, "best_epoch": best_epoch,
+        "validation_history": out.val_history, "curve": out.curve,
+        "trainable_params": setup.trainable, "total_params": setup.total, "adapter_bytes": adapter_bytes,
+        "steps": out.steps, "epochs": data.epochs,
+        "n_train": len(data.train), "n_validation": len(data.validation), "n_test": len(data.test),
+        "final_train_loss": (sum(out.losses[-20:]) / len(out.losses[-20:])) if out.losses else None,
+        "train_seconds": out.train_seconds, "wall_seconds": wall_s, "peak_rss_mb": _peak_rss_mb(),
+        "threads": torch.get_num_threads(), "device": str(setup.device),
         "avf": avf_info,
-        "training_strengths": strengths,
-        "delta_spectra": delta_spectra,
-        "lr": lr,
-        "dataset_stats": ds.stats,
-        "config": _jsonable(cfg),
-        "versions": _versions(),
+        "training_strengths": _jsonable(model.training_strengths()) if hasattr(model, "training_strengths") else None,
+        "delta_spectra": _delta_spectra(model, setup.spectra_layers, setup.w_init) if setup.spectra_layers else None,
+        "lr": out.lr, "dataset_stats": data.stats, "config": _jsonable(cfg), "versions": _versions(),
     }
     if cfg.output:
-        out = Path(cfg.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        path = Path(cfg.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, out)
+        os.replace(tmp, path)
 
-    m = info.metric
-    if before is not None:
-        log(f"test {m} before fine-tuning: {before:.4f}")
-    log(f"test {m} after fine-tuning:  {after:.4f}   (validation {best_val:.4f}, epoch {best_epoch})")
-    log(f"trainable parameters: {trainable:,} of {total:,}")
-    log(f"time: {wall_s:.1f}s total, {train_s:.1f}s training ({global_step} steps)")
+    if setup.test_before is not None:
+        log(f"test {metric} before fine-tuning: {setup.test_before:.4f}")
+    log(f"test {metric} after fine-tuning:  {after:.4f}   (validation {best_val:.4f}, epoch {best_epoch})")
+    log(f"trainable parameters: {setup.trainable:,} of {setup.total:,}")
+    log(f"time: {wall_s:.1f}s total, {out.train_seconds:.1f}s training ({out.steps} steps)")
     if cfg.output:
         log(f"result written to {cfg.output}")
     return result

@@ -1,0 +1,110 @@
+"""Learning curves (``--eval-steps``), the mean-pooling head, and bench's suite mechanics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_bert
+from vectorfit_recipes import bench, models
+from vectorfit_recipes.train import TrainConfig, run
+
+# a few optimizer steps on a tiny slice of the real movie data
+TINY = dict(max_train_examples=64, max_eval_examples=24, batch_size=8, eval_batch_size=24, max_len=32,
+            epochs=10, progress=False, eval_before=False, select_on_validation=False)
+
+
+def _quiet(*_: object) -> None:
+    pass
+
+
+def test_curve_points_are_the_runs_at_shorter_budgets():
+    """With a constant rate, the curve's point at step t is exactly the test metric of a run that
+    stops at t (same seed, same data order): the property that lets one long run stand for every
+    shorter budget. no_avf: its training does not depend on the run length (AVF's schedule does)."""
+    cfg = TrainConfig(method="no_avf", max_steps=5, eval_steps="2,5,99", **TINY)
+    long = run(cfg, log=_quiet)
+    assert [p["step"] for p in long["curve"]] == [2, 5]  # 99 is past the run's end
+    assert long["curve"][-1]["test"] == long["test"]  # last point = the final weights (no selection)
+    assert long["curve"][-1]["validation"] == long["validation"]
+    short = run(dataclasses.replace(cfg, max_steps=2, eval_steps=None), log=_quiet)
+    assert short["curve"] == []
+    assert long["curve"][0]["test"] == short["test"]
+    assert long["curve"][0]["validation"] == short["validation"]
+    assert long["curve"][0]["epoch"] == pytest.approx(2 / 8)  # 64 examples / batch 8 = 8 steps an epoch
+
+
+@pytest.mark.parametrize("bad", ["1,x", "0,4", "-3"])
+def test_eval_steps_are_validated(bad):
+    with pytest.raises(ValueError, match="--eval-steps"):
+        TrainConfig(eval_steps=bad).validate()
+
+
+def test_mean_pooling_is_the_masked_mean_and_ignores_padding():
+    model = make_tiny_bert(num_labels=2).eval()
+    models.use_mean_pooling(model)
+    assert sum(p.numel() for p in model.bert.pooler.parameters()) == 0
+    ids = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 13, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = model.bert(input_ids=ids, attention_mask=mask).pooler_output
+        by_hand = torch.stack([hidden[0].mean(0), hidden[1, :3].mean(0)])
+        torch.testing.assert_close(pooled, by_hand, rtol=0, atol=1e-6)
+        # the padded row gives the same logits as the same sentence alone, unpadded
+        batched = model(input_ids=ids, attention_mask=mask).logits[1]
+        alone = model(input_ids=ids[1:, :3], attention_mask=mask[1:, :3]).logits[0]
+        torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
+
+
+def test_mean_pooling_refuses_a_model_without_a_pooler():
+    from conftest import make_tiny_mpnet
+
+    with pytest.raises(ValueError, match="pooling='pooler'"):
+        models.use_mean_pooling(make_tiny_mpnet())
+
+
+def test_suite_rates_and_boolean_settings_reach_the_command_line():
+    runs = bench.runs_of("curves-rates")
+    table = bench.suites()["curves-rates"]
+    for method, lrs in table["lrs"].items():
+        assert sorted(r.lr for r in runs if r.method == method) == sorted(lrs), method
+    argv = runs[0].argv(Path("x.json"))
+    assert "--no-select-on-validation" in argv and "--no-eval-before" in argv
+    assert argv[argv.index("--max-train-examples") + 1] == "none"
+    # what bench passes parses back into the suite's settings
+    from vectorfit_recipes import cli
+
+    ns = cli.build_parser().parse_args(argv)
+    cfg = cli.dataclass_from_args(TrainConfig, ns)
+    for k, v in table["settings"].items():
+        assert getattr(cfg, k) == v, k
+
+
+def test_the_64_step_suites_keep_the_pooler_they_were_run_with():
+    """The committed 64-step results read transformers' pooler; their suites say so, and their
+    result files are found (so `bench` does not re-run them with another head)."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    for name in ("main", "ablation"):
+        assert dict(bench.runs_of(name)[0].settings)["pooling"] == "pooler"
+        missing = [r for r in bench.runs_of(name) if not r.path(root).exists()]
+        assert not missing, missing[:3]
+
+
+def test_bench_runs_jobs_in_parallel_processes(tmp_path, monkeypatch):
+    """Two runs at once, each a real `vectorfit train` process with one thread; both results land."""
+    suite = {"tasks": ["movie"], "models": ["minilm"], "methods": ["no_avf", "bitfit"], "seeds": [0],
+             "settings": {"max_steps": 1, "max_train_examples": 16, "max_eval_examples": 8, "epochs": 1,
+                          "batch_size": 8, "eval_batch_size": 8, "max_len": 16, "eval_before": False}}
+    monkeypatch.setattr(bench, "suites", lambda: {"tiny": suite})
+    lines: list[str] = []
+    assert bench.run_suite("tiny", tmp_path, log=lines.append, jobs=2) == 0
+    done = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert sorted(r["method"] for r in done) == ["bitfit", "no_avf"]
+    assert all(r["threads"] == 1 and r["steps"] == 1 for r in done)
+    assert not list(tmp_path.rglob("*.log"))  # logs of successful runs are removed
