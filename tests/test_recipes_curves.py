@@ -23,16 +23,19 @@ def _quiet(*_: object) -> None:
     pass
 
 
-def test_curve_points_are_the_runs_at_shorter_budgets():
+def test_curve_points_are_the_runs_at_shorter_budgets(tmp_path):
     """With a constant rate, the curve's point at step t is exactly the test metric of a run that
     stops at t (same seed, same data order): the property that lets one long run stand for every
     shorter budget. no_avf: its training does not depend on the run length (AVF's schedule does)."""
-    cfg = TrainConfig(method="no_avf", max_steps=5, eval_steps="2,5,99", **TINY)
+    out = tmp_path / "r.json"
+    cfg = TrainConfig(method="no_avf", max_steps=5, eval_steps="2,5,99", output=str(out), **TINY)
     long = run(cfg, log=_quiet)
+    # the curve-so-far file a long run keeps while training is gone once the result is written
+    assert out.is_file() and not Path(f"{out}.partial").exists()
     assert [p["step"] for p in long["curve"]] == [2, 5]  # 99 is past the run's end
     assert long["curve"][-1]["test"] == long["test"]  # last point = the final weights (no selection)
     assert long["curve"][-1]["validation"] == long["validation"]
-    short = run(dataclasses.replace(cfg, max_steps=2, eval_steps=None), log=_quiet)
+    short = run(dataclasses.replace(cfg, max_steps=2, eval_steps=None, output=None), log=_quiet)
     assert short["curve"] == []
     assert long["curve"][0]["test"] == short["test"]
     assert long["curve"][0]["validation"] == short["validation"]
@@ -108,3 +111,50 @@ def test_bench_runs_jobs_in_parallel_processes(tmp_path, monkeypatch):
     assert sorted(r["method"] for r in done) == ["bitfit", "no_avf"]
     assert all(r["threads"] == 1 and r["steps"] == 1 for r in done)
     assert not list(tmp_path.rglob("*.log"))  # logs of successful runs are removed
+
+
+def _curve_result(method: str, lr: float, seed: int, vals: dict) -> dict:
+    curve = [{"step": s, "epoch": s / 10, "train_loss": 0.5, "validation": v, "test": v - 0.01} for s, v in vals.items()]
+    return {"_suite": "curves-rates", "task": "movie", "model": "minilm", "method": method, "lr": lr, "seed": seed,
+            "metric": "accuracy", "trainable_params": 10, "curve": curve, "avf": None}
+
+
+def test_curve_tables_choose_rates_and_reach_steps_match_a_by_hand_computation(tmp_path):
+    from vectorfit_recipes import report_curves as rc
+
+    results = [
+        _curve_result("lora_r1", 0.001, 0, {64: 0.70, 128: 0.80, 256: 0.84}),
+        _curve_result("lora_r1", 0.001, 1, {64: 0.72, 128: 0.82, 256: 0.86}),
+        _curve_result("lora_r1", 0.002, 0, {64: 0.78, 128: 0.86, 256: 0.83}),  # best early, worse at the end
+        _curve_result("vectorfit", 0.001, 0, {64: 0.60, 128: 0.70}),           # still running: no 256 yet
+        _curve_result("vectorfit", 0.003, 0, {64: 0.65, 128: 0.69, 256: 0.75}),
+    ]
+    groups = rc.curve_groups(results, "curves-rates")
+    g = groups[("movie", "minilm", "lora_r1", 0.001)]
+    assert g["steps"] == [64, 128, 256] and g["validation"][256] == [0.84, 0.86]
+    # mean validation: 0.71, 0.81, 0.85 -> 99% of 0.85 is 0.8415: first reached at 256
+    assert rc.first_step_within(g) == 256
+    assert rc.first_step_within(g, frac=0.95) == 128  # 0.8075 <= 0.81
+    chosen = rc.choose_rates(groups)
+    assert chosen[("movie", "minilm", "lora_r1")] == 0.001  # 0.85 mean at 256 beats 0.83
+    assert chosen[("movie", "minilm", "vectorfit")] == 0.003  # the shorter curve may not compete
+    text = "\n".join(rc.curve_tables(results, "curves-rates"))
+    assert "| LoRA r=1 **(chosen)** | 0.001 | 2 | 71.00 ± 1.41 (n=2) | 81.00 ± 1.41 (n=2) | 85.00 ± 1.41 (n=2) | 256 |" in text
+    assert rc.plot_curves(results, "curves-rates", tmp_path).is_file()
+
+
+def test_bias_rate_scale_reaches_the_optimizer_and_changes_only_the_biases():
+    """--bias-lr-scale 0 keeps every bias at its initial value while the singular values train; the
+    paper's single rate (scale 1) moves both."""
+    cfg = TrainConfig(method="no_avf", max_steps=2, **TINY)
+    frozen_bias = run(dataclasses.replace(cfg, bias_lr_scale=0.0), log=_quiet)
+    plain = run(cfg, log=_quiet)
+    for r, moved in ((frozen_bias, False), (plain, True)):
+        bias = {k: v for k, v in r["training_strengths"].items() if k.endswith(".bias")}
+        sigma = {k: v for k, v in r["training_strengths"].items() if k.endswith(".sigma")}
+        assert all(v > 0 for v in sigma.values())
+        assert any(v > 0 for v in bias.values()) is moved
+    with pytest.raises(ValueError, match="--bias-lr-scale"):
+        TrainConfig(method="lora_r1", bias_lr_scale=0.5).validate()
+    with pytest.raises(ValueError, match="--head-lr"):
+        TrainConfig(head_lr=float("nan")).validate()

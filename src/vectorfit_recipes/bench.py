@@ -142,6 +142,12 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
             bar.update(1)
             return
 
+    import signal
+
+    def stop(signum: int, _frame: Any) -> None:  # `kill` of the bench stops its runs too (finally below)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         for r in todo:
             while len(running) >= jobs:
@@ -156,7 +162,8 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         while running:
             reap(block=True)
     finally:
-        for _, proc, f, _ in running:  # interrupted: stop the children, keep nothing half-done
+        signal.signal(signal.SIGTERM, previous)
+        for _, proc, f, _ in running:  # interrupted: stop the children; their .partial curves stay
             proc.terminate()
             f.close()
         bar.close()

@@ -195,6 +195,18 @@ def _delta_spectra(model: Any, layers: list[str], w_init: dict) -> dict:
     return out
 
 
+def _partial_path(output: str) -> Path:
+    """Where a run with ``--output X`` keeps its learning curve while it trains (``X.partial``)."""
+    return Path(f"{output}.partial")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------- the run
 @contextlib.contextmanager
 def _process_settings(cfg: TrainConfig) -> Iterator[None]:
@@ -353,7 +365,14 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
     model, built, device, metric = setup.built.model, setup.built, setup.device, data.info.metric
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if cfg.lr is not None else methods_mod.default_lr(cfg.method)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    if cfg.method in VECTORFIT_METHODS and (cfg.bias_lr_scale != 1.0 or cfg.head_lr is not None):
+        from vectorfit import param_groups
+
+        groups: Any = param_groups(model, lr, bias_lr=lr * cfg.bias_lr_scale, head_lr=cfg.head_lr,
+                                   weight_decay=cfg.weight_decay)
+    else:
+        groups = params
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     curve_at = [s for s in cfg.curve_steps() if s <= data.total_steps]
 
@@ -393,6 +412,11 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                 eval_s += time.perf_counter() - t_ev
                 curve.append(point)
                 tqdm.write(f"[curve] step {step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
+                if cfg.output:  # a long run stopped early still leaves its curve so far
+                    _write_json(_partial_path(cfg.output), {
+                        "partial": True, "task": cfg.task, "model": cfg.model, "method": cfg.method,
+                        "seed": cfg.seed, "lr": lr, "metric": metric, "curve": curve,
+                        "total_steps": data.total_steps, "config": _jsonable(cfg)})
         if cfg.select_on_validation:
             t_ev = time.perf_counter()
             v = ev(data.validation, "validation")
@@ -461,11 +485,8 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
         "lr": out.lr, "dataset_stats": data.stats, "config": _jsonable(cfg), "versions": _versions(),
     }
     if cfg.output:
-        path = Path(cfg.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
+        _write_json(Path(cfg.output), result)
+        _partial_path(cfg.output).unlink(missing_ok=True)
 
     if setup.test_before is not None:
         log(f"test {metric} before fine-tuning: {setup.test_before:.4f}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from . import data as data_mod
 from . import models as models_mod
-from .methods import METHODS
+from .methods import METHODS, VECTORFIT_METHODS
 
 __all__ = ["TrainConfig"]
 
@@ -57,7 +60,7 @@ class TrainConfig:
     save_adapter: Optional[str] = field(default=None, metadata=_help(
         "save the trained adapter to this folder"))
     threads: Optional[int] = field(default=None, metadata=_help(
-        "torch CPU threads; none = all cores"))
+        "torch CPU threads; none = all cores. On a machine shared with other jobs use 1 (benchmarks/THREADS.md)"))
     device: str = field(default="cpu", metadata=_help("torch device (cpu, cuda, ...)"))
     low_memory: bool = field(default=False, metadata=_help(
         "VectorFit layers keep no weight-sized buffer between forward and backward (less memory, "
@@ -68,6 +71,11 @@ class TrainConfig:
         "hidden states (how the sentence-transformers checkpoints were trained; no extra parameters); "
         "pooler = transformers' default tanh(dense(CLS)), whose dense layer only full fine-tuning trains",
         choices=models_mod.POOLINGS))
+    bias_lr_scale: float = field(default=1.0, metadata=_help(
+        "VectorFit methods: the bias vectors' rate is lr x this (see vectorfit.param_groups; the paper uses "
+        "one rate, 1.0)"))
+    head_lr: Optional[float] = field(default=None, metadata=_help(
+        "VectorFit methods: the new head's own rate; none = lr"))
     eval_steps: Optional[str] = field(default=None, metadata=_help(
         "comma-separated optimizer steps (e.g. 64,128,256) at which validation and test are measured: "
         "the learning curve in the result's 'curve'; none = no curve"))
@@ -90,6 +98,15 @@ class TrainConfig:
         data_mod.get_dataset_info(self.task)
         models_mod.get_model_info(self.model)
         self.curve_steps()
+        import math
+
+        if not (math.isfinite(self.bias_lr_scale) and self.bias_lr_scale >= 0):
+            raise ValueError(f"--bias-lr-scale must be a finite number >= 0, got {self.bias_lr_scale}")
+        if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
+            raise ValueError(f"--head-lr must be a finite number > 0 or none, got {self.head_lr}")
+        if self.method not in VECTORFIT_METHODS and (self.bias_lr_scale != 1.0 or self.head_lr is not None):
+            raise ValueError(f"--bias-lr-scale and --head-lr apply to the VectorFit methods "
+                             f"({', '.join(VECTORFIT_METHODS)}), not to --method {self.method}")
         for name in ("epochs", "max_len", "batch_size", "eval_batch_size", "avf_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -98,3 +115,109 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 or none, got {v}")
+        # nan compares False with everything, so each check is written as "must be", not "must not be".
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr {self.lr}: the learning rate must be a finite number > 0, e.g. --lr 1e-3 "
+                             "(or none: the method's rate from configs/methods.json)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay {self.weight_decay}: must be a finite number >= 0 (the paper uses 0)")
+        if not (math.isfinite(self.avf_beta) and 0.0 <= self.avf_beta < 1.0):
+            raise ValueError(f"--avf-beta {self.avf_beta}: the EMA factor must be in [0, 1) (the paper uses 0.99)")
+        if self.save_adapter is not None and self.output is not None and \
+                Path(self.save_adapter).expanduser().resolve() == Path(self.output).expanduser().resolve():
+            raise ValueError(f"--output and --save-adapter are the same path {self.output!r}: --output is a JSON "
+                             "file, --save-adapter a folder")
+
+    def check_environment(self) -> None:
+        """Checks that need this machine but load no data and no model weights; ``vectorfit train``
+        runs them right after :meth:`validate`, so a bad flag fails in seconds, not after training.
+
+        * ``--device`` exists in this torch build and machine;
+        * ``--output`` and ``--save-adapter`` can be written (probed with a temporary file that is
+          removed at once);
+        * ``--avf-k`` is below the number of vectors the method trains on the model, counted on the
+          model's architecture (built without weights) when the model is already in the cache;
+          otherwise the count is checked as soon as the model is built, still before training.
+
+        Raises:
+            ValueError: naming the flag, the value and what to do instead.
+        """
+        _check_device(self.device)
+        if self.output is not None:
+            _check_writable(self.output, "--output", folder=False)
+        if self.save_adapter is not None:
+            _check_writable(self.save_adapter, "--save-adapter", folder=True)
+        if self.method in VECTORFIT_METHODS:
+            n = trained_vector_count(self.model, self.method)
+            if n is not None and self.method == "vectorfit" and self.avf_k >= n:
+                raise ValueError(f"--avf-k {self.avf_k}: must be less than the {n} vectors that --method {self.method} "
+                                 f"trains on --model {self.model} (freezing all would stop training); "
+                                 f"use 1..{n - 1} (the paper uses 5)")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {device!r}: not a torch device ({e}); use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; use --device cpu, "
+                             "or install a CUDA build of torch")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"--device {device}: {count} CUDA device(s) visible here; use --device cpu"
+                             + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+        return
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(f"--device {device}: {dev.type} is not available in this torch build or machine; use --device cpu")
+
+
+def _check_writable(path: str, flag: str, folder: bool) -> None:
+    """The nearest existing folder on the way to ``path`` accepts a new file, and ``path`` itself is
+    of the right kind (a folder for ``--save-adapter``, a file for ``--output``)."""
+    import tempfile
+
+    p = Path(path).expanduser()
+    if p.exists() and p.is_dir() != folder:
+        kind = "a folder" if p.is_dir() else "a file"
+        want = "a folder" if folder else "a file name, e.g. result.json"
+        raise ValueError(f"{flag} {path}: it is {kind}; give {want}")
+    probe = p if (folder and p.is_dir()) else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{flag} {path}: {probe} is a file, so nothing can be written below it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".vectorfit-write-test-", dir=probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e}); choose another path") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def trained_vector_count(model: str, method: str) -> Optional[int]:
+    """How many vectors a VectorFit ``method`` trains on ``model``, from the model's architecture
+    (built on the ``meta`` device: no weights read), or ``None`` if the model is not cached yet."""
+    from . import assets
+
+    info = models_mod.get_model_info(model)
+    if not assets.is_fetched(info.asset):
+        return None
+    import torch
+    import transformers
+
+    from vectorfit import VARIANTS, VectorFitConfig, target_module_names
+
+    cfg = transformers.AutoConfig.from_pretrained(str(assets.asset_dir(info.asset) / info.subdir))
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    roles = target_module_names(skeleton, VectorFitConfig(variant=method), with_roles=True)
+    v = VARIANTS[method]
+    return sum((role in v["sigma"]) + (role in v["bias"]) for role in roles.values())

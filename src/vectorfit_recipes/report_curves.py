@@ -1,0 +1,173 @@
+"""Learning curves in the report: runs trained with ``--eval-steps`` carry validation and test at
+each checkpoint step (``result["curve"]``). This module turns them into tables (the metric at every
+budget, the rate each method's best validation picks, the step at which a method first reaches 99% of
+its own best) and plots (metric vs. optimizer steps, log x, mean and min-max band over seeds).
+
+A run at a constant learning rate without warm-up is, at each checkpoint, the run that would have
+stopped there; AVF runs use the schedule of the longest budget (their AVF steps are recorded in
+``result["avf"]["schedule"]``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from .report import LABELS, _fmt, _method_key
+
+__all__ = ["curve_groups", "curve_tables", "plot_curves", "choose_rates", "load_partials"]
+
+
+def load_partials(root: Path, suite: str) -> list[dict]:
+    """Curves of runs of ``suite`` that have not finished (``<result>.partial``, written at each
+    checkpoint), tagged ``_suite`` and ``_partial``; finished runs are not repeated."""
+    import json
+
+    from .bench import runs_of
+
+    out = []
+    for run in runs_of(suite):
+        final = run.path(Path(root))
+        part = Path(f"{final}.partial")
+        if final.exists() or not part.exists():
+            continue
+        try:
+            r = json.loads(part.read_text())
+        except json.JSONDecodeError:
+            continue
+        out.append({**r, "_suite": suite, "_partial": True, "trainable_params": r.get("trainable_params")})
+    return out
+
+
+def curve_groups(results: list[dict], suite: str) -> dict[tuple, dict]:
+    """(task, model, method, lr) -> {"steps": [...], "validation"/"test": {step: [per-seed values]},
+    "seeds": [...], "metric": ...}, over the runs of ``suite`` that recorded a curve."""
+    out: dict[tuple, dict] = {}
+    for r in results:
+        if r["_suite"] != suite or not r.get("curve"):
+            continue
+        g = out.setdefault((r["task"], r["model"], r["method"], r["lr"]),
+                           {"validation": defaultdict(list), "test": defaultdict(list), "seeds": [],
+                            "metric": r["metric"], "trainable": r["trainable_params"],
+                            "avf": (r.get("avf") or {}).get("schedule")})
+        g["seeds"].append(r["seed"])
+        if r.get("_partial"):
+            g.setdefault("partial_at", []).append(r["curve"][-1]["step"])
+        for p in r["curve"]:
+            g["validation"][p["step"]].append(p["validation"])
+            g["test"][p["step"]].append(p["test"])
+    for g in out.values():
+        n = len(g["seeds"])
+        # only the steps every seed reached (a run that is still going must not bias a mean)
+        g["steps"] = sorted(s for s, v in g["validation"].items() if len(v) == n)
+    return out
+
+
+def _mean_curve(g: dict, split: str) -> list[float]:
+    return [statistics.fmean(g[split][s]) for s in g["steps"]]
+
+
+def first_step_within(g: dict, frac: float = 0.99, split: str = "validation") -> Optional[int]:
+    """First checkpoint whose mean metric reaches ``frac`` of the best mean over the curve."""
+    curve = _mean_curve(g, split)
+    if not curve:
+        return None
+    best = max(curve)
+    return next(s for s, v in zip(g["steps"], curve) if v >= frac * best)
+
+
+def choose_rates(groups: dict[tuple, dict]) -> dict[tuple, float]:
+    """(task, model, method) -> the rate whose mean validation at the longest common budget is best.
+
+    Ties go to the smaller rate (the safer one). Only rates whose curves reach the same longest step
+    compete, so a run still in progress cannot win or lose by being shorter."""
+    by: dict[tuple, list] = defaultdict(list)
+    for (task, model, method, lr), g in groups.items():
+        if g["steps"]:
+            by[(task, model, method)].append((lr, g))
+    out = {}
+    for key, cands in by.items():
+        last = max(g["steps"][-1] for _, g in cands)
+        full = [(lr, g) for lr, g in cands if g["steps"][-1] == last]
+        out[key] = max(full, key=lambda c: (statistics.fmean(c[1]["validation"][last]), -c[0]))[0]
+    return out
+
+
+def curve_tables(results: list[dict], suite: str) -> list[str]:
+    groups = curve_groups(results, suite)
+    if not groups:
+        return []
+    chosen = choose_rates(groups)
+    lines: list[str] = []
+    for task, model in sorted({(k[0], k[1]) for k in groups}):
+        keys = sorted((k for k in groups if k[:2] == (task, model)), key=lambda k: (_method_key(k[2]), k[3]))
+        steps = sorted({s for k in keys for s in groups[k]["steps"]})
+        metric = groups[keys[0]]["metric"]
+        for split in ("validation", "test"):
+            lines += [f"#### {task} ({model}): {split} {metric} × 100 after N optimizer steps (mean ± std over seeds)", "",
+                      "| method | lr | seeds | " + " | ".join(str(s) for s in steps) + " | 99% of own best at |",
+                      "|---|---|---|" + "---|" * (len(steps) + 1)]
+            for k in keys:
+                g = groups[k]
+                mark = " **(chosen)**" if chosen.get(k[:3]) == k[3] and sum(kk[:3] == k[:3] for kk in keys) > 1 else ""
+                cells = []
+                for s in steps:
+                    vals = g[split].get(s, [])
+                    ok = s in g["steps"]
+                    cells.append(_fmt(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                      len(vals)) if ok else "")
+                reach = first_step_within(g, split=split)
+                if g.get("partial_at"):
+                    mark += f" (still training: {len(g['partial_at'])} run(s) stopped at step {max(g['partial_at'])})"
+                lines.append(f"| {LABELS.get(k[2], k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
+                             + f" | {reach if reach is not None else ''} |")
+            lines.append("")
+    return lines
+
+
+def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test") -> Optional[Path]:
+    """One panel per task: metric vs. optimizer steps (log x); line = mean over seeds, band = min..max."""
+    groups = curve_groups(results, suite)
+    if not groups:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({k[0] for k in groups})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
+    methods = sorted({k[2] for k in groups}, key=_method_key)
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, task in zip(axes[0], tasks):
+        keys = sorted((k for k in groups if k[0] == task), key=lambda k: (_method_key(k[2]), k[3]))
+        rates: dict[str, list[float]] = defaultdict(list)
+        for k in keys:
+            rates[k[2]].append(k[3])
+        for k in keys:
+            g = groups[k]
+            if not g["steps"]:
+                continue
+            lrs = sorted(rates[k[2]])
+            style = ("-", "--", ":", "-.")[lrs.index(k[3]) % 4] if len(lrs) > 1 else "-"
+            ys = [100 * y for y in _mean_curve(g, split)]
+            label = LABELS.get(k[2], k[2]) + (f" lr {k[3]:g}" if len(lrs) > 1 else "") + f" (n={len(g['seeds'])})"
+            ax.plot(g["steps"], ys, style, color=colors[k[2]], marker="o", ms=3, label=label,
+                    lw=2.2 if k[2] == "vectorfit" else 1.4)
+            if len(g["seeds"]) > 1:
+                lo = [100 * min(g[split][s]) for s in g["steps"]]
+                hi = [100 * max(g[split][s]) for s in g["steps"]]
+                ax.fill_between(g["steps"], lo, hi, color=colors[k[2]], alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("optimizer steps (batch 32; log scale)")
+        ax.set_ylabel(f"{split} {groups[keys[0]]['metric']} × 100")
+        ax.set_title(f"{task}: learning curves — suite '{suite}'", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / f"{suite}_curves_{split}.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
