@@ -336,9 +336,11 @@ def test_half_precision_models(name, dtype, tmp_path):
 def test_llama_bias_in_bf16_merges_to_a_linear_with_bias(tmp_path):
     base = make_tiny_llama(0, dtype=torch.bfloat16)
     vf = get_vectorfit_model(base, VectorFitConfig(variant="no_avf", cache_dir=str(tmp_path)))
+    train_steps(vf, example_inputs(base, labels=True), steps=1)  # a zero bias would be dropped at merge
     merged = vf.merge_and_unload()
     q = merged.get_submodule("model.layers.0.self_attn.q_proj")
     assert q.bias is not None and q.bias.dtype == torch.bfloat16
+    assert merged.config.attention_bias and merged.config.mlp_bias  # so that a reload keeps the biases
 
 
 def test_cache_entry_of_another_format_is_recomputed(tmp_path):

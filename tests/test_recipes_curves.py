@@ -154,7 +154,59 @@ def test_bias_rate_scale_reaches_the_optimizer_and_changes_only_the_biases():
         sigma = {k: v for k, v in r["training_strengths"].items() if k.endswith(".sigma")}
         assert all(v > 0 for v in sigma.values())
         assert any(v > 0 for v in bias.values()) is moved
-    with pytest.raises(ValueError, match="--bias-lr-scale"):
+    with pytest.raises(ValueError, match="--bias-lr-scale, --head-lr and --sigma-param"):
         TrainConfig(method="lora_r1", bias_lr_scale=0.5).validate()
     with pytest.raises(ValueError, match="--head-lr"):
         TrainConfig(head_lr=float("nan")).validate()
+
+
+@pytest.mark.parametrize("method,stop", [("vectorfit", 3), ("lora_r1", 8)])
+def test_a_stopped_and_resumed_run_gives_the_uninterrupted_numbers(method, stop, tmp_path):
+    """--stop-at-step keeps a checkpoint; the same command resumes from it. Weights, optimizer
+    moments, AVF state, data order and dropout streams continue exactly: every number matches the
+    run that was never stopped. Stops mid-epoch (3) and at an epoch end (8 = one epoch)."""
+    base = dict(TINY, select_on_validation=True, epochs=2)
+    base.update(avf_start=2, avf_interval=2, avf_num_freezes=3, avf_k=2) if method == "vectorfit" else None
+    ref = run(TrainConfig(method=method, max_steps=11, eval_steps="2,5,9", output=str(tmp_path / "ref.json"),
+                          **base), log=_quiet)
+    out = tmp_path / "r.json"
+    cfg = TrainConfig(method=method, max_steps=11, eval_steps="2,5,9", output=str(out), **base)
+    stopped = run(dataclasses.replace(cfg, stop_at_step=stop), log=_quiet)
+    assert stopped["stopped_at"] == stop and not out.exists() and Path(f"{out}.ckpt").is_file()
+    lines: list[str] = []
+    res = run(cfg, log=lines.append)
+    assert any(f"resuming from {out}.ckpt at step {stop}" in l for l in lines)
+    assert res["resumed_from"] == [stop] and not Path(f"{out}.ckpt").exists()
+    for key in ("test", "validation", "best_epoch", "curve", "validation_history", "final_train_loss",
+                "training_strengths", "avf", "steps"):
+        assert res[key] == ref[key], key
+
+
+def test_a_checkpoint_of_other_settings_is_not_used(tmp_path):
+    out = tmp_path / "r.json"
+    cfg = TrainConfig(method="no_avf", max_steps=4, output=str(out), **TINY)
+    run(dataclasses.replace(cfg, stop_at_step=2), log=_quiet)
+    lines: list[str] = []
+    other = run(dataclasses.replace(cfg, lr=0.5), log=lines.append)
+    assert any("from other settings (lr)" in l for l in lines) and other["resumed_from"] == []
+    with pytest.raises(ValueError, match="--stop-at-step"):
+        TrainConfig(stop_at_step=3).validate()  # no --output: nowhere to keep the checkpoint
+
+
+def test_relative_sigma_runs_end_to_end_and_is_saved_with_the_adapter(tmp_path):
+    res = run(TrainConfig(method="no_avf", sigma_param="relative", max_steps=2, save_adapter=str(tmp_path / "a"),
+                          **TINY), log=_quiet)
+    assert res["method_config"]["sigma_param"] == "relative"
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["config"]["sigma_param"] == "relative"
+    from vectorfit_recipes import report_curves
+
+    assert report_curves.method_label(res) == "no_avf+relative"
+
+
+def test_suite_options_are_runs_of_their_own_and_share_the_plain_one():
+    recipe = bench.runs_of("recipe")
+    movie0 = [r for r in recipe if r.task == "movie" and r.seed == 0]
+    assert len(movie0) == 3 and len({r.settings_hash() for r in movie0}) == 3
+    plain = [r for r in movie0 if "sigma_param" not in dict(r.settings) and "bias_lr_scale" not in dict(r.settings)]
+    assert plain and plain[0] in set(bench.runs_of("curves-rates"))  # computed once for both suites

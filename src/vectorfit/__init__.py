@@ -14,6 +14,8 @@ from .config import VARIANTS, AVFConfig, ConfigError, VectorFitConfig
 from .functional import low_memory
 from .layer import SVDLinear
 from .model import VectorFitModel, get_vectorfit_model, target_module_names
+from .notices import VectorFitWarning
+from .optim import param_groups
 from .targets import ARCHITECTURES, TargetError
 
 __version__ = "0.1.0"
@@ -30,8 +32,10 @@ __all__ = [
     "VARIANTS",
     "VectorFitConfig",
     "VectorFitModel",
+    "VectorFitWarning",
     "default_cache_root",
     "get_vectorfit_model",
     "low_memory",
+    "param_groups",
     "target_module_names",
 ]

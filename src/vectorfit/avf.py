@@ -20,6 +20,7 @@ resumed run freezes exactly what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -49,14 +50,17 @@ class AdaptiveVectorFreezing(nn.Module):
 
     def __init__(self, vectors: list[tuple[str, nn.Module, str]], config: AVFConfig) -> None:
         super().__init__()
-        if config.k > len(vectors):
+        # k = n would freeze every vector at the first AVF step and train nothing afterwards.
+        if config.k >= len(vectors):
             raise ConfigError(
-                f"AVFConfig.k={config.k} is invalid: only {len(vectors)} vectors are trained; use k <= {len(vectors)}"
+                f"AVFConfig.k={config.k} is invalid: only {len(vectors)} vectors are trained and freezing k of them "
+                f"must leave some to train; use k < {len(vectors)} (the paper uses 5), or variant='no_avf'"
             )
         self.names = [n for n, _, _ in vectors]
         # Plain list, not registered: the layers belong to the model, not to this module.
         self._vectors = [(layer, attr) for _, layer, attr in vectors]
         self.config = config
+        self._user_config = config  # what reset() returns to
         n = len(vectors)
         self.register_buffer("ema", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("frozen_mask", torch.zeros(n, dtype=torch.bool))
@@ -96,8 +100,9 @@ class AdaptiveVectorFreezing(nn.Module):
 
     # ------------------------------------------------------------------ the algorithm
     def _param(self, i: int) -> nn.Parameter:
+        """The parameter that trains vector i (``sigma_delta`` for relative singular values)."""
         layer, attr = self._vectors[i]
-        return getattr(layer, attr)
+        return getattr(layer, layer.trained_attr(attr) if hasattr(layer, "trained_attr") else attr)
 
     @torch.no_grad()
     def strengths(self) -> Tensor:
@@ -113,8 +118,16 @@ class AdaptiveVectorFreezing(nn.Module):
         Args:
             global_step: the optimizer step about to be taken, counted from 1.
         """
+        global_step = self._check_step(global_step)
         schedule = self.schedule()
         done = int(self.num_done)
+        if done and global_step < schedule[done - 1]:
+            raise AVFError(
+                f"step({global_step}) comes before AVF step {schedule[done - 1]}, which already ran "
+                f"({done} of {len(schedule)} AVF steps done): the step count went backwards. A new training run on "
+                "this model must start from fresh AVF state (model.avf.reset()); a resumed run must load the "
+                "checkpoint's AVF state and continue its step count"
+            )
         if global_step in schedule:
             idx = schedule.index(global_step)
             if idx > done:
@@ -127,10 +140,46 @@ class AdaptiveVectorFreezing(nn.Module):
                 self._freeze(idx)
         self._drop_frozen_grads()
 
+    @staticmethod
+    def _check_step(global_step: Any) -> int:
+        try:
+            if isinstance(global_step, bool):
+                raise TypeError
+            step = operator.index(global_step)  # int, numpy / 0-d integer tensors; not 3.0 or True
+        except TypeError:
+            raise AVFError(f"step({global_step!r}): global_step must be an integer (optimizer steps counted from 1)") from None
+        if step < 1:
+            raise AVFError(f"step({step}): global_step counts optimizer steps from 1 (the step about to be taken), got {step}")
+        return step
+
+    def reset(self) -> None:
+        """Forget all AVF state (averages, frozen set, history) to train the model again from step 1.
+        The schedule is kept if it was given explicitly, and derived again (``set_total_steps``,
+        ``AVFCallback``) if it had been derived from the earlier run's length."""
+        with torch.no_grad():
+            self.ema.zero_()
+            self.frozen_mask.zero_()
+            self.num_done.zero_()
+            self.schedule_spec.fill_(-1)
+        self.frozen_history = torch.full((0, self._user_config.k), -1, dtype=torch.long, device=self.ema.device)
+        self.config = self._user_config
+        if self._user_config.is_resolved:
+            self._set_schedule(self._user_config)
+
     @torch.no_grad()
     def _freeze(self, idx: int) -> None:
+        strengths = self.strengths()
+        bad = torch.nonzero(~torch.isfinite(strengths)).flatten().tolist()
+        if bad:
+            # A NaN would enter the average and stay there for ever, and the top-k of NaNs is arbitrary.
+            names = [self.names[i] for i in bad]
+            raise AVFError(
+                f"AVF step {self.schedule()[idx]}: {len(bad)} trained vector(s) hold NaN/Inf values, first {names[:3]}: "
+                "training diverged (lower the learning rate, clip gradients, or check the loss for NaN) "
+                "before AVF can rank the vectors"
+            )
         beta = float(self.config.beta)
-        self.ema.mul_(beta).add_((1.0 - beta) * self.strengths())
+        self.ema.mul_(beta).add_((1.0 - beta) * strengths)
         # Stable sort: ties go to the earlier vector, so every process decides alike.
         top = torch.argsort(self.ema, descending=True, stable=True)[: self.config.k]
         self.frozen_mask.zero_()

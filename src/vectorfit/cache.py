@@ -14,20 +14,24 @@ crash leaves either the old entry or none.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .layer import svd_fp32
+from .targets import TargetError
+from .notices import warn
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +67,56 @@ def _payload_digest(U: Tensor, S: Tensor, Vh: Tensor) -> str:
     return f"{crc:08x}"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``);
+    elsewhere by the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_open_mode(path: Union[str, Path]) -> int:
+    """The permission bits ``open(path, "w")`` would leave: an existing file keeps its own, a new
+    one gets ``0o666`` less the umask. (``mkstemp`` creates ``0o600`` files whatever the umask; an
+    adapter or a shared cache entry written that way is unreadable for everyone else.)"""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary file name in ``path``'s folder; when the block succeeds, give the file the
+    permissions a plain ``open(path, "w")`` would and rename it over ``path``. Whatever fails, the
+    temporary file is removed: a reader sees the old file or the complete new one, never a part."""
+    path = Path(path)
+    mode = plain_open_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class SVDCache:
@@ -92,6 +132,7 @@ class SVDCache:
         self.root = Path(root).expanduser() if root is not None else default_cache_root() / "svd"
         self.hits = 0
         self.misses = 0
+        self._write_failed = False
 
     def path_for(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -123,30 +164,37 @@ class SVDCache:
         return U, S, Vh
 
     def _write(self, key: str, U: Tensor, S: Tensor, Vh: Tensor) -> None:
+        if self._write_failed:
+            return  # a full or read-only disk stays so for the rest of this set-up: do not retry per matrix
         tensors = {"U": U.contiguous(), "S": S.contiguous(), "Vh": Vh.contiguous()}
         meta = {"format": _FORMAT, "crc32": _payload_digest(U, S, Vh), "torch": torch.__version__}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, self.path_for(key))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        except OSError as e:  # a read-only or full disk must not stop training
-            logger.warning("could not write SVD cache entry under %s (%s); continuing without it", self.root, e)
+            with atomic_path(self.path_for(key)) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+        # The cache is an optimisation: a full disk (safetensors reports it as SafetensorError, not
+        # OSError) or a read-only folder must not stop training. atomic_path removed the partial file.
+        except (OSError, SafetensorError) as e:
+            self._write_failed = True
+            warn(
+                f"could not write SVD cache entries under {self.root} ({type(e).__name__}: {e}); continuing "
+                "without caching (the decompositions are recomputed next time). Free space there, point "
+                "VECTORFIT_CACHE elsewhere, or turn the cache off with VECTORFIT_SVD_CACHE=0",
+            )
 
-    def get_or_compute(self, matrix: Tensor, key: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    def get_or_compute(self, matrix: Tensor, key: Optional[str] = None, name: str = "") -> tuple[Tensor, Tensor, Tensor]:
         """The float32 thin SVD of ``matrix``, from disk when a verified entry exists.
 
         Args:
             matrix: ``d_out x d_in`` weight.
             key: its :func:`fingerprint`, if already known.
+            name: the module's name, for error messages.
 
         Returns:
             ``(U, S, Vh)`` on the CPU in float32.
+
+        Raises:
+            TargetError: the matrix holds NaN or Inf values (named by ``name``).
         """
         if self.enabled:
             key = key or fingerprint(matrix)
@@ -154,6 +202,14 @@ class SVDCache:
             if hit is not None:
                 self.hits += 1
                 return hit
+        # Only on a miss: a cache entry was made from a finite matrix with the same bytes. LAPACK
+        # either fails on NaN with an error that names no module, or returns NaN factors silently.
+        bad = int((~torch.isfinite(matrix)).sum())
+        if bad:
+            raise TargetError(
+                f"module {name or '(unnamed)'!r}: its weight holds {bad} NaN/Inf value(s) of {matrix.numel()}, so it has no "
+                "SVD; the base model is damaged (reload it from its checkpoint) or diverged in earlier training"
+            )
         U, S, Vh = svd_fp32(matrix.to("cpu") if matrix.device.type == "cpu" else matrix)
         U, S, Vh = U.cpu(), S.cpu(), Vh.cpu()
         self.misses += 1

@@ -13,6 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from .notices import warn
+
+#: Parameterisations of the trained singular values (see VectorFitConfig.sigma_param).
+SIGMA_PARAMS = ("absolute", "relative")
+
 #: What each variant trains (paper section 6.3, SPEC table). ``sigma`` says on which roles the
 #: singular values are trained, ``bias`` on which roles the biases are trained.
 #: Roles: "attn" = q, k, v, o (and fused qkv, cross-attention); "mlp" = f1, f2 (gate/up/down).
@@ -59,12 +64,24 @@ class AVFConfig:
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise _bad("AVFConfig.k", self.k, "use a positive integer (the paper uses 5)")
-        if not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) < 1.0:
-            raise _bad("AVFConfig.beta", self.beta, "use a float in [0, 1) (the paper uses 0.99)")
+        # bool is an int to Python but never a meaningful beta; NaN fails the range test.
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= float(self.beta) < 1.0:
+            raise _bad("AVFConfig.beta", self.beta, "use a float in [0, 1) (the paper uses 0.99); 1 or more would never update the average")
         for name in ("start_step", "interval", "num_freezes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise _bad(f"AVFConfig.{name}", v, "use a positive integer, or None to derive it from the run length")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "AVFConfig":
+        """An ``AVFConfig`` from a dict of its fields; unknown fields are a :class:`ConfigError`."""
+        if not isinstance(d, dict):
+            raise _bad("VectorFitConfig.avf", d, "pass an AVFConfig, a dict of its fields, or None")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown AVFConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
 
     @property
     def is_resolved(self) -> bool:
@@ -140,6 +157,19 @@ class VectorFitConfig:
             ``AVFConfig()`` whose steps are derived from the run length.
         svd_cache: cache decompositions on disk (keyed by the weight's content).
         cache_dir: where; ``None`` means ``$VECTORFIT_CACHE/svd`` or ``~/.cache/vectorfit/svd``.
+        task_type: peft's task type (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``, ``CAUSAL_LM``,
+            ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION``; a ``peft.TaskType`` works too). As in peft, the
+            classification tasks add their head (``classifier`` / ``score``; ``qa_outputs``) to
+            ``modules_to_save``; the others add nothing (see :mod:`vectorfit.tasks`).
+        progress: show a progress bar over the matrices while they are fingerprinted and
+            decomposed (it appears only if that takes over a second, i.e. not from a warm cache).
+            ``None``: on unless ``$VECTORFIT_PROGRESS`` is ``0``. Not saved with adapters.
+        sigma_param: how the singular values are trained. ``"absolute"`` (the paper's form, the
+            default): ``s`` itself is the parameter. ``"relative"``: ``s = s0 * (1 + z)`` with ``z``
+            trained from 0 (the form of Transformer²'s SVF), so Adam, which moves every entry by about
+            the learning rate, changes each singular value by a *relative* amount whatever its size.
+            Exact at initialisation; merge, save/load and AVF (whose strength stays ``mean|s0 - s|``
+            on ``s`` itself) work the same.
     """
 
     variant: str = "vectorfit"
@@ -149,12 +179,26 @@ class VectorFitConfig:
     avf: Optional[AVFConfig] = None
     svd_cache: bool = True
     cache_dir: Optional[str] = None
+    task_type: Optional[str] = None
+    progress: Optional[bool] = None
+    sigma_param: str = "absolute"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise _bad("VectorFitConfig.variant", self.variant, f"choose one of {sorted(VARIANTS)}")
+        if self.task_type is not None:
+            from .tasks import TASK_TYPES
+
+            name = getattr(self.task_type, "value", self.task_type)  # peft.TaskType is a str Enum
+            if not isinstance(name, str) or name.upper() not in TASK_TYPES:
+                raise _bad("VectorFitConfig.task_type", self.task_type, f"use one of {', '.join(TASK_TYPES)}, or None")
+            self.task_type = name.upper()
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise _bad("VectorFitConfig.progress", self.progress, "use True, False, or None (on unless VECTORFIT_PROGRESS=0)")
+        if self.sigma_param not in SIGMA_PARAMS:
+            raise _bad("VectorFitConfig.sigma_param", self.sigma_param, f"use one of {', '.join(SIGMA_PARAMS)}")
         if isinstance(self.avf, dict):
-            self.avf = AVFConfig(**self.avf)
+            self.avf = AVFConfig.from_dict(self.avf)
         if VARIANTS[self.variant]["avf"]:
             if self.avf is None:
                 self.avf = AVFConfig()
@@ -193,6 +237,12 @@ class VectorFitConfig:
                 self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
             if not all(isinstance(x, str) and x for x in self.modules_to_save):
                 raise _bad("VectorFitConfig.modules_to_save", self.modules_to_save, "use a list of module names, e.g. ['classifier']")
+            unique = list(dict.fromkeys(self.modules_to_save))
+            if len(unique) != len(self.modules_to_save):
+                # Each module is wrapped (and saved) once; a repeated entry would otherwise wrap it twice.
+                dups = sorted({x for x in self.modules_to_save if self.modules_to_save.count(x) > 1})
+                warn(f"VectorFitConfig.modules_to_save lists {dups} more than once; each module is trained and saved once")
+                self.modules_to_save = unique
 
     @property
     def sigma_roles(self) -> tuple:
@@ -210,6 +260,11 @@ class VectorFitConfig:
         d = dataclasses.asdict(self)
         d.pop("cache_dir")  # machine-specific, not part of an adapter
         d.pop("svd_cache")
+        d.pop("progress")  # a display setting of this process
+        if d["task_type"] is None:
+            d.pop("task_type")  # so adapters that do not use it stay readable by vectorfit 0.1.0
+        if d["sigma_param"] == "absolute":
+            d.pop("sigma_param")  # likewise
         return d
 
     @classmethod

@@ -47,8 +47,8 @@ Training (x, s need gradients), with r = min(a, c):
   * grouped-query k/v projections (Llama: 576 -> 192) are rectangular too: factorised.
 
 Inference (no gradient needed): factorised costs N r (a + c), dense N a c once ``W`` exists. ``W``
-is cached on the layer (keyed by sigma's version counter, storage and dtype) while sigma does not
-change, so evaluation and generation cost one GEMM per layer, like the base model. The cache is
+is cached on the layer (keyed by the values of sigma -- not its version counter, which ``.data``
+edits do not bump -- and by the factors' storage and the dtype) while sigma does not change, so evaluation and generation cost one GEMM per layer, like the base model. The cache is
 dropped as soon as the layer runs with gradients again (training must not pay its memory).
 
 The cost model is the MAC count above; ``DENSE_BIAS`` documents the per-layer timings that
@@ -305,20 +305,30 @@ def svd_linear_reference(x: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optiona
     return F.linear(F.linear(x, Vh) * s.to(x.dtype), U, b.to(x.dtype) if b is not None else None)
 
 
+def _same_sigma(entry, key: tuple, s: Tensor) -> bool:
+    """Whether a cache entry ``(key, sigma copy, ...)`` was made for these factors and these values
+    of ``s``. The values are compared, not ``s._version``: edits through ``s.data`` (EMA / SWA
+    swaps, clamps) do not bump the version counter and would serve a stale ``W``. Comparing r
+    floats costs nothing next to the GEMM the cache saves (on a GPU it is one host sync per layer)."""
+    return entry is not None and entry[0] == key and torch.equal(entry[1], s.detach())
+
+
 def _cached_dense_weight(owner, U: Tensor, Vh: Tensor, s: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-    key = (s._version, s.data_ptr(), U.data_ptr(), U._version, Vh.data_ptr(), Vh._version, dtype, s.device)
+    # U and Vh are frozen buffers: their storage and version identify them (a .to() or a reload
+    # gives new storage). sigma is what changes, and it is matched by value (_same_sigma).
+    key = (s.data_ptr(), U.data_ptr(), U._version, Vh.data_ptr(), Vh._version, dtype, s.device)
     cache = getattr(owner, "_vf_dense_cache", None)
-    if cache is not None and cache[0] == key:
-        return cache[1]
+    if _same_sigma(cache, key, s):
+        return cache[2]
     # Build W the second time the same sigma is seen (or at once when rebuilding costs less than
     # the factorised pass it replaces): a lone small no-grad call does not pay for a rebuild.
     seen = getattr(owner, "_vf_dense_seen", None)
-    if seen == key:
+    if _same_sigma(seen, key, s):
         with torch.no_grad():
             W = ((U.to(torch.float32) * s.to(torch.float32)) @ Vh.to(torch.float32)).to(dtype)
-        owner._vf_dense_cache = (key, W)
+        owner._vf_dense_cache = (key, seen[1], W)
         return W
-    owner._vf_dense_seen = key
+    owner._vf_dense_seen = (key, s.detach().clone())
     return None
 
 

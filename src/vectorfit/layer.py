@@ -53,6 +53,9 @@ class SVDLinear(nn.Module):
         train_bias: train the bias; a layer without one gets a zero bias.
         svd: a precomputed ``(U, S, Vh)`` of ``weight`` in float32 (e.g. from the disk cache);
             computed here when ``None``.
+        sigma_param: ``"absolute"``: the parameter is ``sigma`` itself. ``"relative"``: the
+            parameter is ``sigma_delta`` (zeros at init) and ``sigma = sigma0 * (1 + sigma_delta)``
+            is computed from it (``layer.sigma`` still reads the effective singular values).
     """
 
     def __init__(
@@ -62,8 +65,11 @@ class SVDLinear(nn.Module):
         train_sigma: bool,
         train_bias: bool,
         svd: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+        sigma_param: str = "absolute",
     ) -> None:
         super().__init__()
+        if sigma_param not in ("absolute", "relative"):
+            raise ValueError(f"SVDLinear: sigma_param={sigma_param!r} is invalid; use 'absolute' or 'relative'")
         if weight.dim() != 2:
             raise ValueError(f"SVDLinear expects a 2-D weight matrix, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
@@ -81,7 +87,11 @@ class SVDLinear(nn.Module):
             self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
             self.register_buffer("Vh", Vh.to(device=device, dtype=dtype).contiguous(), persistent=False)
             self.register_buffer("sigma0", S.to(device=device, dtype=torch.float32).clone(), persistent=False)
-            self.sigma = nn.Parameter(S.to(device=device, dtype=torch.float32).clone())
+            if sigma_param == "relative":
+                # `sigma` is then computed in __getattr__ from this parameter (see sigma_param above)
+                self.sigma_delta = nn.Parameter(torch.zeros_like(self.sigma0))
+            else:
+                self.sigma = nn.Parameter(S.to(device=device, dtype=torch.float32).clone())
             self.weight = None
         else:
             self.register_buffer("weight", weight.detach().clone(), persistent=False)
@@ -97,6 +107,43 @@ class SVDLinear(nn.Module):
             self.bias0 = None
             # A bias that is not trained is frozen base state; keep it out of checkpoints.
             self.register_buffer("bias", b0.clone() if b0 is not None else None, persistent=False)
+
+    # ------------------------------------------------------------------ parameterisation
+    def __getattr__(self, name: str):  # type: ignore[override]
+        # Only reached when normal lookup fails; with sigma_param="relative" there is no `sigma`
+        # parameter, and `layer.sigma` is the effective (differentiable) s0 * (1 + z).
+        if name == "sigma":
+            params = self.__dict__.get("_parameters", {})
+            if "sigma_delta" in params:
+                return self.sigma0 * (1.0 + params["sigma_delta"])
+        return super().__getattr__(name)
+
+    @property
+    def relative_sigma(self) -> bool:
+        return "sigma_delta" in self._parameters
+
+    def trained_attr(self, attr: str) -> str:
+        """The name of the parameter that trains vector ``attr`` (``"sigma"`` or ``"bias"``)."""
+        return "sigma_delta" if attr == "sigma" and self.relative_sigma else attr
+
+    def _forward_sigma(self) -> Tensor:
+        """The singular values for a forward pass. With the relative form and no gradient needed,
+        one tensor is kept and updated in place, so the inference cache of the rebuilt weight
+        (keyed by the tensor and matched by value, see functional.py) serves repeated calls."""
+        if not self.relative_sigma:
+            return self.sigma
+        z = self._parameters["sigma_delta"]
+        if torch.is_grad_enabled() and z.requires_grad:
+            return self.sigma0 * (1.0 + z)
+        with torch.no_grad():
+            s = self.sigma0 * (1.0 + z)
+            kept = self.__dict__.get("_sigma_eval")
+            if kept is None or kept.shape != s.shape or kept.device != s.device:
+                object.__setattr__(self, "_sigma_eval", s)
+                return s
+            if not torch.equal(kept, s):
+                kept.copy_(s)
+            return kept
 
     # ------------------------------------------------------------------ weights
     def dense_weight(self, original: bool = False) -> Tensor:
@@ -150,11 +197,12 @@ class SVDLinear(nn.Module):
             return F.linear(x, self.merged_weight, bias)
         if not disabled:
             # The fast path (custom autograd, factorised or dense per call): see functional.py.
-            return svd_linear(x, self.U, self.Vh, self.sigma, self.bias, owner=self)
+            return svd_linear(x, self.U, self.Vh, self._forward_sigma(), self.bias, owner=self)
         s = self.sigma0.to(x.dtype)
         # Two thin matmuls with the original singular values.
         return F.linear(F.linear(x, self.Vh) * s, self.U, bias)
 
     def extra_repr(self) -> str:
         mode = "sigma+bias" if self.train_sigma and self.train_bias else "sigma" if self.train_sigma else "bias"
-        return f"in_features={self.in_features}, out_features={self.out_features}, trains={mode}, merged={self.merged}"
+        rel = ", sigma=relative" if self.relative_sigma else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, trains={mode}{rel}, merged={self.merged}"

@@ -18,12 +18,15 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from . import adapter_io
+from . import adapter_io, base_check, distributed, merge_compat, tasks
 from .avf import AdaptiveVectorFreezing, training_strength
 from .cache import SVDCache, fingerprint
 from .config import ConfigError, VectorFitConfig
 from .layer import SVDLinear
+from .notices import warn
+from .progress import progress_enabled, svd_progress
 from .targets import find_targets, is_conv1d
+from .unsupported import UnsupportedMethodsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +36,32 @@ def _matrix_of(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Put ``new`` at ``name`` and at every other name the same module object is registered under
+    (a layer shared by two parents stays shared; replacing it under one name only would leave the
+    other path computing with the old layer). Returns all those names."""
+    old = root.get_submodule(name)
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+    return names
+
+
+def _plain_layer(info: dict, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    """A frozen ``nn.Linear`` (or the target's ``Conv1D`` class) holding ``weight`` (``d_out x d_in``)
+    and ``bias``, in the weight's dtype and device."""
+    d_out, d_in = weight.shape
+    if info["conv1d"]:
+        new = info["module_class"](d_out, d_in)  # Conv1D(nf=d_out, nx=d_in) stores d_in x d_out
+        new.weight = nn.Parameter(weight.t().contiguous().clone())
+        new.bias = nn.Parameter(bias.detach().to(weight.dtype).clone()) if bias is not None else None
+    else:
+        new = nn.Linear(d_in, d_out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias.detach().to(weight.dtype))
+    return new.requires_grad_(False)
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -57,7 +82,7 @@ class ModulesToSaveWrapper(nn.Module):
         return (self.original_module if self.disabled else self.trained_module)(*args, **kwargs)
 
 
-class VectorFitModel(nn.Module):
+class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
     """A base model with VectorFit layers in place of its target matrices.
 
     Build it with :func:`get_vectorfit_model` or :meth:`from_pretrained`.
@@ -72,6 +97,8 @@ class VectorFitModel(nn.Module):
         super().__init__()
         if isinstance(model, VectorFitModel):
             raise ConfigError("the model already has VectorFit layers; pass its base model (model.get_base_model())")
+        config = tasks.apply_task_type(model, config)  # peft's task_type: add the task head to modules_to_save
+        new_params = tasks.newly_initialised_parameters(model)  # before wrapping changes the parameters
         self.base_model = model
         self.vectorfit_config = config
         self._targets: dict[str, dict[str, Any]] = {}
@@ -79,8 +106,10 @@ class VectorFitModel(nn.Module):
         self.svd_cache = SVDCache(config.cache_dir, enabled=config.svd_cache)
         for p in model.parameters():
             p.requires_grad_(False)
+        self._factors_shared = distributed.begin_decomposition()  # rank 0's factors on every rank?
         self._inject(fingerprints or {})
         self._wrap_modules_to_save()
+        tasks.warn_frozen_new_parameters(new_params, [*self._targets, *self._modules_to_save], type(model).__name__)
         vectors = [(f"{n}.{a}", layer, a) for n, layer in self.vectorfit_layers() for a in ("sigma", "bias") if self._trains(layer, a)]
         self.avf = AdaptiveVectorFreezing(vectors, config.avf) if config.uses_avf else None
 
@@ -92,16 +121,20 @@ class VectorFitModel(nn.Module):
     def _inject(self, fingerprints: dict) -> None:
         cfg = self.vectorfit_config
         targets = list(find_targets(self.base_model, cfg.target_modules, cfg.exclude_modules, skip=cfg.modules_to_save))
-        for name, module, role in targets:
+        for name, module, role in svd_progress(targets, len(targets), progress_enabled(cfg.progress) and distributed.is_main_process()):
             train_sigma = role in cfg.sigma_roles
             train_bias = role in cfg.bias_roles
             if not (train_sigma or train_bias):
                 continue  # e.g. f1/f2 in sigma_attn: left exactly as they are
             matrix = _matrix_of(module)
             fp = fingerprints.get(name) or fingerprint(matrix)
-            svd = self.svd_cache.get_or_compute(matrix, key=fp) if train_sigma else None
-            layer = SVDLinear(matrix, module.bias, train_sigma, train_bias, svd=svd)
-            _set_submodule(self.base_model, name, layer)
+            # Under torch.distributed, rank 0 decomposes and broadcasts (distributed.py says why).
+            svd = distributed.decompose(self.svd_cache, matrix, fp, name) if train_sigma else None
+            layer = SVDLinear(matrix, module.bias, train_sigma, train_bias, svd=svd, sigma_param=cfg.sigma_param)
+            aliases = _set_submodule(self.base_model, name, layer)
+            if len(aliases) > 1:
+                warn(f"module {name!r} is also registered as {[a for a in aliases if a != name]} (the same layer object): "
+                     "it is adapted once and the adapted layer serves every name")
             self._targets[name] = {
                 "role": role,
                 "shape": list(matrix.shape),
@@ -111,6 +144,7 @@ class VectorFitModel(nn.Module):
                 "sigma": train_sigma,
                 "bias": train_bias,
                 "had_bias": module.bias is not None,
+                "dtype": base_check.dtype_name(matrix.dtype),
             }
         if not self._targets:
             raise ConfigError(
@@ -145,6 +179,19 @@ class VectorFitModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        # Read by DistributedDataParallel at construction: it then does not re-broadcast the frozen
+        # U/Vh/sigma0 buffers before every forward pass (see distributed.py), whatever broadcast_buffers.
+        # Only when the factors came from rank 0: otherwise DDP's initial sync must equalise them.
+        frozen = distributed.ddp_ignored_buffer_names(self) if self.__dict__.get("_factors_shared") else []
+        return frozen + list(self.__dict__.get("_ddp_extra_ignored", []))
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:
+        # DDP._set_params_and_buffers_to_ignore_for_model(model, names) assigns the attribute.
+        self.__dict__["_ddp_extra_ignored"] = list(names)
+
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
@@ -155,8 +202,10 @@ class VectorFitModel(nn.Module):
                 yield name, module
 
     def trainable_vectors(self) -> dict[str, nn.Parameter]:
-        """The trained vectors by name (``<module>.sigma`` / ``<module>.bias``)."""
-        return {f"{n}.{a}": getattr(layer, a) for n, layer in self.vectorfit_layers() for a in ("sigma", "bias") if self._trains(layer, a)}
+        """The trained parameters by name: ``<module>.sigma`` (``<module>.sigma_delta`` with
+        ``sigma_param="relative"``) and ``<module>.bias``."""
+        return {f"{n}.{layer.trained_attr(a)}": getattr(layer, layer.trained_attr(a))
+                for n, layer in self.vectorfit_layers() for a in ("sigma", "bias") if self._trains(layer, a)}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)``: trainable counts the vectors and the saved heads; total is the base
@@ -188,26 +237,43 @@ class VectorFitModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Return the base model with plain ``nn.Linear`` / ``Conv1D`` layers holding the merged
-        weights and the trained heads: same outputs, no VectorFit module left, no overhead."""
+        weights and the trained heads: same outputs, no VectorFit module left, no overhead.
+
+        A bias trained on a layer that had none is kept; the config's bias flags are set so that
+        ``save_pretrained`` -> ``from_pretrained`` reloads it (a warning names layers no flag can
+        describe, e.g. Mistral's or T5's); see :mod:`vectorfit.merge_compat`."""
+        added = []
         for name, layer in list(self.vectorfit_layers()):
-            info = self._targets[name]
             with torch.no_grad():
-                w = layer.dense_weight()
-                has_bias = layer.bias is not None
-                b = layer.bias.detach().to(w.dtype) if has_bias else None
-                if info["conv1d"]:
-                    new = info["module_class"](layer.out_features, layer.in_features)
-                    new.weight = nn.Parameter(w.t().contiguous())
-                    new.bias = nn.Parameter(b.clone()) if has_bias else None
-                else:
-                    new = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, device=w.device, dtype=w.dtype)
-                    new.weight.copy_(w)
-                    if has_bias:
-                        new.bias.copy_(b)
-            new.requires_grad_(False)
+                new = _plain_layer(self._targets[name], layer.dense_weight(), layer.bias)
             _set_submodule(self.base_model, name, new)
+            if layer.bias is not None and not self._targets[name]["had_bias"]:
+                added.append(name)
         for name in self._modules_to_save:
             _set_submodule(self.base_model, name, self.base_model.get_submodule(name).trained_module)
+        self._targets, self._modules_to_save = {}, []
+        merge_compat.reconcile_biases(self.base_model, added)
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Return the base model without the adapter (peft's ``unload``): every VectorFit layer becomes
+        a plain ``nn.Linear`` / ``Conv1D`` with the *original* weight and bias, and the saved heads go
+        back to their original modules. Nothing trained is kept.
+
+        Exact for biases, heads and bias-only layers; a decomposed weight is rebuilt as
+        ``U diag(s0) Vh`` in float32, equal to the original to float32 round-off (about 1e-7
+        relative, as with :meth:`disable_adapter`), not bit for bit. Parameters stay frozen.
+
+        Returns:
+            The base model (modified in place); this ``VectorFitModel`` is empty afterwards.
+        """
+        for name, layer in list(self.vectorfit_layers()):
+            with torch.no_grad():
+                bias = layer.current_bias(original=True) if layer.had_bias else None
+                new = _plain_layer(self._targets[name], layer.dense_weight(original=True), bias)
+            _set_submodule(self.base_model, name, new)
+        for name in self._modules_to_save:
+            _set_submodule(self.base_model, name, self.base_model.get_submodule(name).original_module)
         self._targets, self._modules_to_save = {}, []
         return self.base_model
 
@@ -250,6 +316,10 @@ class VectorFitModel(nn.Module):
         targets = {
             n: {k: v for k, v in info.items() if k != "module_class"} for n, info in self._targets.items()
         }
+        layers = dict(self.vectorfit_layers())
+        for name, info in targets.items():
+            if info["sigma"]:  # what the trained weight looks like here; checked at load (base_check)
+                info["signature"] = base_check.encode(base_check.signature(layers[name].U, layers[name].sigma, layers[name].Vh))
         adapter_io.save_adapter(
             save_directory,
             tensors,
@@ -257,7 +327,15 @@ class VectorFitModel(nn.Module):
             targets=targets,
             modules_to_save=self._modules_to_save,
             base_model_class=type(self.base_model).__name__,
+            base_tensors=base_check.record_other_tensors(self._other_base_tensors(self.base_model, self._targets, self._modules_to_save)),
         )
+
+    @staticmethod
+    def _other_base_tensors(model: nn.Module, targets: dict, heads: list) -> dict:
+        """The base tensors an adapter depends on besides its target matrices: everything outside
+        the targets and saved heads, plus the target biases it does not train."""
+        extra = {f"{n}.bias": model.get_submodule(n).bias for n, i in targets.items() if i.get("had_bias") and not i.get("bias", True)}
+        return base_check.other_tensors(model, [*targets, *heads], extra)
 
     @classmethod
     def from_pretrained(
@@ -267,6 +345,7 @@ class VectorFitModel(nn.Module):
         is_trainable: bool = False,
         cache_dir: Optional[str] = None,
         svd_cache: bool = True,
+        check_base: str = "error",
     ) -> "VectorFitModel":
         """Load an adapter onto a fresh base model.
 
@@ -275,13 +354,22 @@ class VectorFitModel(nn.Module):
             adapter_path: folder written by :meth:`save_pretrained`.
             is_trainable: keep the vectors trainable (to continue training); otherwise they are frozen.
             cache_dir, svd_cache: as in :class:`VectorFitConfig`.
+            check_base: ``"error"`` (default) refuses a base whose tensors outside the adapted
+                matrices (embeddings, norms, an unsaved head) differ from the training model's;
+                ``"warn"`` loads it with a warning. Target matrices must always match.
 
         Raises:
             adapter_io.AdapterError: missing/corrupt files, or a base model that differs from the
                 one the adapter was trained on (the message names the first mismatching module).
+
+        Warns:
+            VectorFitWarning: a decomposed layer computes a trained weight that deviates from the
+                one saved beyond tolerance (another SVD driver or device; see :mod:`vectorfit.base_check`).
         """
+        if check_base not in ("error", "warn"):
+            raise ConfigError(f"check_base={check_base!r} is invalid: use 'error' (refuse a differing base) or 'warn'")
         meta, tensors = adapter_io.load_adapter(adapter_path)
-        config = VectorFitConfig.from_dict({**meta["config"], "cache_dir": cache_dir, "svd_cache": svd_cache})
+        config = adapter_io.config_of(meta, adapter_path, cache_dir=cache_dir, svd_cache=svd_cache)
         saved = meta["targets"]
         # Check the base before any SVD: a wrong base fails in milliseconds, not after a minute.
         found = {n: m for n, m, _ in find_targets(model, config.target_modules, config.exclude_modules, skip=config.modules_to_save)}
@@ -291,23 +379,11 @@ class VectorFitModel(nn.Module):
                 f"the base model has no target module {absent[0]!r} that the adapter at {adapter_path} was trained on "
                 f"(adapter base class: {meta.get('base_model_class')}, this model: {type(model).__name__})"
             )
-        fingerprints = {}
-        for name, module in found.items():  # model order, so the error names the first mismatch
-            info = saved.get(name)
-            if info is None:
-                continue
-            matrix = _matrix_of(module)
-            if list(matrix.shape) != info["shape"]:
-                raise adapter_io.AdapterError(
-                    f"base model mismatch at module {name!r}: weight shape {list(matrix.shape)}, the adapter was trained on {info['shape']}"
-                )
-            fp = fingerprint(matrix)
-            if fp != info["fingerprint"]:
-                raise adapter_io.AdapterError(
-                    f"base model mismatch at module {name!r}: its weights differ from those the adapter at {adapter_path} "
-                    "was trained on (fingerprint mismatch); load the adapter onto the same pretrained model"
-                )
-            fingerprints[name] = fp
+        # model order, so the error names the first mismatch
+        fingerprints = base_check.check_targets({n: _matrix_of(m) for n, m in found.items()}, saved, adapter_path)
+        if "base_tensors" in meta:  # adapters saved before this check have no record
+            other = cls._other_base_tensors(model, {n: i for n, i in saved.items() if n in found}, meta.get("modules_to_save", []))
+            base_check.enforce_other_tensors(other, meta["base_tensors"], adapter_path, check_base)
         vf = cls._build(model, config, fingerprints)
         extra = set(vf._targets) - set(saved)
         if extra:
@@ -328,6 +404,7 @@ class VectorFitModel(nn.Module):
                 if t.shape != p.shape:
                     raise adapter_io.AdapterError(f"adapter tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
                 p.copy_(t.to(p.dtype))
+        base_check.check_signatures(dict(vf.vectorfit_layers()), saved)
         if not is_trainable:
             for p in vf.parameters():
                 p.requires_grad_(False)
@@ -389,6 +466,6 @@ def target_module_names(
         config: the targets' settings; ``VectorFitConfig()`` if ``None``.
         with_roles: return ``{name: "attn" | "mlp"}`` instead of a list.
     """
-    config = config if config is not None else VectorFitConfig()
+    config = tasks.apply_task_type(model, config if config is not None else VectorFitConfig())
     found = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules, skip=config.modules_to_save)}
     return found if with_roles else list(found)

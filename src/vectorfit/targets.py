@@ -90,6 +90,14 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def is_peft_layer(module: nn.Module) -> bool:
+    """A layer wrapped by peft (LoRA, IA3, ...): peft's tuner layers derive from ``BaseTunerLayer``
+    and keep the wrapped layer as ``base_layer``. Recognised without importing peft."""
+    return any(c.__name__ == "BaseTunerLayer" for c in type(module).__mro__) or isinstance(
+        getattr(module, "base_layer", None), nn.Module
+    )
+
+
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -204,9 +212,22 @@ def find_targets(
         return _names_match(exclude_modules, name)
 
     found = 0
+    peft_layers: list[str] = []
     for name, module in model.named_modules():
+        if name and is_peft_layer(module):
+            peft_layers.append(name)
         if not name or not selected(name, module) or excluded(name):
             continue
+        inside = [p for p in peft_layers if name == p or name.startswith(p + ".")]
+        if inside:
+            # peft's LoRA layer is also called "Linear": without this check it would be reported
+            # as "(Linear) ... is not a Linear", and "all-linear" would adapt LoRA's own A/B matrices.
+            raise TargetError(
+                f"module {name!r} is {'inside ' if name != inside[0] else ''}a peft adapter layer "
+                f"({inside[0]!r}, {type(model.get_submodule(inside[0])).__module__}.{type(model.get_submodule(inside[0])).__name__}); "
+                "VectorFit does not stack on peft adapters: merge them first (peft_model.merge_and_unload()) "
+                "and pass the merged base model, or start from the base model without peft"
+            )
         if not is_linear_like(module):
             if isinstance(target_modules, list) or isinstance(target_modules, str) and target_modules != "all-linear":
                 # A user-named container (e.g. "attention") is not an error if its name also

@@ -74,8 +74,11 @@ def runs_of(name: str) -> list[Run]:
                         lrs = mt[method].get("sweep", [mt[method]["lr"]])
                     else:
                         lrs = [mt[method]["lr"]]
-                    out += [(seed, rank, Run(task, model, method, seed, float(lr), settings))
-                            for rank, lr in enumerate(lrs)]
+                    # "options": named extra settings, each a run of its own (e.g. a recipe variant)
+                    for opt in s.get("options", {"": {}}).values():
+                        st = tuple(sorted({**dict(settings), **opt}.items()))
+                        out += [(seed, rank, Run(task, model, method, seed, float(lr), st))
+                                for rank, lr in enumerate(lrs)]
     return [r for _, _, r in sorted(out, key=lambda x: (x[0], x[1]))]  # stable: keeps task/method order
 
 

@@ -7,18 +7,80 @@
     vectorfit data verify [NAME..] # re-check extracted files against their recorded sha256
     vectorfit bench --suite NAME   # run a named matrix of runs (configs/suites.json), resumably
     vectorfit report               # result files -> benchmarks/RESULTS.md + plots
+    vectorfit --version
+
+Run from the command line, it sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before torch loads:
+OpenMP threads then sleep instead of spinning while they wait, which keeps a shared CPU from
+slowing everything several-fold (benchmarks/THREADS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 import types
 import typing
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
-__all__ = ["main", "add_dataclass_arguments", "dataclass_from_args", "build_parser", "normalize_argv"]
+__all__ = ["main", "add_dataclass_arguments", "dataclass_from_args", "build_parser", "normalize_argv",
+           "set_passive_openmp"]
+
+#: The OpenMP setting the command uses unless the environment already has one (see set_passive_openmp).
+OMP_DEFAULT = ("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def set_passive_openmp() -> bool:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it already.
+
+    With the OpenMP runtime torch ships (GNU libgomp), a thread that waits at a barrier spins for
+    300,000 rounds before it sleeps. On a machine whose cores are busy with other processes the
+    spinning threads take the CPU from the threads they wait for: measured here, one SVD of a
+    384 x 384 matrix took 0.35-1.2 s with 2 threads instead of 0.05 s, and a training step 7-9 s
+    instead of 3 s (benchmarks/THREADS.md). PASSIVE makes waiting threads sleep at once.
+    The runtime reads the variable once, when torch is imported; child processes (``bench`` runs)
+    inherit it.
+
+    Returns:
+        Whether the setting can take effect in this process (torch not imported yet).
+    """
+    name, value = OMP_DEFAULT
+    os.environ.setdefault(name, value)
+    return "torch" not in sys.modules
+
+
+def _repo_root() -> Optional["Path"]:
+    """The source checkout this package runs from (an editable install), or ``None``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]  # src/vectorfit_recipes/cli.py -> repository
+    return root if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir() else None
+
+
+def _repo_path(relative: str) -> "Path":
+    """``relative`` inside the repository when running from a checkout, else in the current folder."""
+    from pathlib import Path
+
+    root = _repo_root()
+    return root / relative if root is not None else Path(relative)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package version, and what the thread settings will be."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        import torch
+
+        import vectorfit
+
+        print(f"vectorfit {vectorfit.__version__} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+        parser.exit()
 
 
 # ------------------------------------------------------------------------- dataclass <-> argparse
@@ -83,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "sentiment data, a few minutes on 2 CPU cores.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version (and torch's thread settings) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_train = sub.add_parser(
@@ -109,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "a fresh process writing one JSON file; stop it at any time and run it again to resume.",
     )
     p_bench.add_argument("--suite", required=True, help="suite name: smoke, sweep, main, ablation")
-    p_bench.add_argument("--results", default="benchmarks/results", help="results folder (default: %(default)s)")
+    results_help = (f"results folder (default: benchmarks/results of the repository this command runs from, "
+                    f"here {_repo_path('benchmarks/results')}; a path you give is taken from the current folder)")
+    p_bench.add_argument("--results", default=None, help=results_help)
     p_bench.add_argument("--dry-run", action="store_true", help="list the missing runs' commands, run nothing")
     p_bench.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
     p_bench.add_argument("--jobs", type=int, default=1,
@@ -117,11 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--threads", type=int, default=None,
                          help="torch threads per run (default: 1 when --jobs > 1, else torch's default)")
 
-    p_report = sub.add_parser("report", help="turn result files into a Markdown report with tables and plots")
-    p_report.add_argument("--results", default="benchmarks/results", help="results folder (default: %(default)s)")
-    p_report.add_argument("--out", default="benchmarks/RESULTS.md", help="report file; plots go to plots/ beside it")
-    p_report.add_argument("--notes", default="benchmarks/NOTES.md",
-                          help="hand-written text placed at the top of the report, if the file exists")
+    p_report = sub.add_parser(
+        "report", help="turn result files into a Markdown report with tables and plots",
+        description="Read every result JSON under --results (written by `vectorfit bench` / `vectorfit train "
+                    "--output`), and write a Markdown report: per suite, mean +- std over seeds of each "
+                    "(task, method), trainable parameters, and plots (metric vs. trainable parameters, "
+                    "training strengths, delta-W spectra) into plots/ next to the report. Default paths are "
+                    "inside the repository this command runs from; paths you give are taken from the "
+                    "current folder.",
+    )
+    p_report.add_argument("--results", default=None, help=results_help)
+    p_report.add_argument("--out", default=None, help=f"report file; plots go to plots/ beside it "
+                                                      f"(default: {_repo_path('benchmarks/RESULTS.md')})")
+    p_report.add_argument("--notes", default=None,
+                          help=f"hand-written text placed at the top of the report, if the file exists "
+                               f"(default: {_repo_path('benchmarks/NOTES.md')})")
     p_report.add_argument("--suites", default=None, help="comma-separated suites to report (default: all with results)")
     return parser
 
@@ -192,12 +267,87 @@ def _data_command(ns: argparse.Namespace) -> int:
 def normalize_argv(argv: Sequence[str]) -> list[str]:
     """``vectorfit`` alone, or ``vectorfit --flag ...``, means ``vectorfit train ...``."""
     argv = list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["train", *argv]
     return argv
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def _message(e: BaseException) -> str:
+    """An exception's text on one line (a KeyError's str() would add quotes)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    """Set an environment variable for the duration of the block (nothing if ``value`` is None)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def _train_command(ns: argparse.Namespace, train_parser: argparse.ArgumentParser) -> int:
+    """``vectorfit train``: every check that needs no data and no model weights first, then the run,
+    then where its outputs went."""
+    from vectorfit import ConfigError
+
+    from .train import TrainConfig, run
+
+    cfg = dataclass_from_args(TrainConfig, ns)
+    try:
+        cfg.validate()
+        cfg.check_environment()
+    except (ValueError, KeyError) as e:
+        train_parser.error(_message(e))
+    try:
+        # --no-progress also silences the library's SVD progress bar.
+        with _env("VECTORFIT_PROGRESS", None if cfg.progress else "0"):
+            result = run(cfg)
+    except ConfigError as e:  # found once the model is built, still before training (e.g. --avf-k too large)
+        train_parser.error(f"stopped before training: {_message(e)}")
+    if result.get("rank", 0) == 0:  # under torchrun only rank 0 saved anything (distributed.py)
+        _say_what_was_saved(cfg, result)
+    return 0
+
+
+def _say_what_was_saved(cfg: Any, result: dict) -> None:
+    from pathlib import Path
+
+    from .methods import PEFT_METHODS, VECTORFIT_METHODS
+
+    if cfg.save_adapter:
+        where = Path(cfg.save_adapter).expanduser().resolve()
+        if cfg.method in VECTORFIT_METHODS:
+            how = f"VectorFitModel.from_pretrained(base_model, {str(where)!r})"
+        elif cfg.method in PEFT_METHODS:
+            how = f"peft.PeftModel.from_pretrained(base_model, {str(where)!r})"
+        else:
+            how = f"safetensors.torch.load_file({str(where / 'model.safetensors')!r}) (trained parameters by name)"
+        size = result.get("adapter_bytes") or 0
+        print(f"adapter saved to {where} ({size / 1024:.0f} KB); load it with {how}")
+    if not cfg.output and not cfg.save_adapter:
+        print("nothing was saved: add --output FILE.json to keep the result as JSON, --save-adapter DIR to keep the "
+              "trained adapter")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:  # run as a command (not called from Python code that may have loaded torch already)
+        set_passive_openmp()
     argv = normalize_argv(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -206,15 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if ns.command == "train":
-            from .train import TrainConfig, run
-
-            cfg = dataclass_from_args(TrainConfig, ns)
-            try:
-                cfg.validate()
-            except (ValueError, KeyError) as e:
-                parser.error(str(e))
-            run(cfg)
-            return 0
+            return _train_command(ns, _subparser(parser, "train"))
         if ns.command == "data":
             return _data_command(ns)
         if ns.command == "bench":
@@ -222,7 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             from .bench import run_suite
 
-            return 1 if run_suite(ns.suite, Path(ns.results), dry_run=ns.dry_run, limit=ns.limit,
+            results = Path(ns.results) if ns.results else _repo_path("benchmarks/results")
+            return 1 if run_suite(ns.suite, results, dry_run=ns.dry_run, limit=ns.limit,
                                   jobs=ns.jobs, threads=ns.threads) else 0
         if ns.command == "report":
             from pathlib import Path
@@ -230,7 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .report import write_report
 
             suites = ns.suites.split(",") if ns.suites else None
-            out = write_report(Path(ns.results), Path(ns.out), Path(ns.notes), suites)
+            out = write_report(Path(ns.results) if ns.results else _repo_path("benchmarks/results"),
+                               Path(ns.out) if ns.out else _repo_path("benchmarks/RESULTS.md"),
+                               Path(ns.notes) if ns.notes else _repo_path("benchmarks/NOTES.md"), suites)
             print(f"report written to {out}")
             return 0
     except AssetError as e:

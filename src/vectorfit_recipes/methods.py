@@ -92,6 +92,7 @@ def build(
     total_steps: int,
     steps_per_epoch: int,
     avf_options: Optional[dict] = None,
+    vectorfit_options: Optional[dict] = None,
 ) -> Built:
     """Wrap ``base`` for ``method``.
 
@@ -101,6 +102,8 @@ def build(
         total_steps: optimizer steps of the run (AVF and AdaLoRA schedules).
         steps_per_epoch: optimizer steps per epoch (AVF's interval).
         avf_options: ``AVFConfig`` fields for the ``vectorfit`` method (``None`` values are derived).
+        vectorfit_options: further ``VectorFitConfig`` fields for the VectorFit methods (e.g.
+            ``sigma_param``).
 
     Returns:
         A :class:`Built`.
@@ -116,7 +119,7 @@ def build(
         if method == "vectorfit":
             opts = {k: v for k, v in (avf_options or {}).items() if v is not None}
             avf = AVFConfig.for_training(total_steps, steps_per_epoch, **opts)
-        cfg = VectorFitConfig(variant=method, modules_to_save=HEAD, avf=avf)
+        cfg = VectorFitConfig(variant=method, modules_to_save=HEAD, avf=avf, **(vectorfit_options or {}))
         model = get_vectorfit_model(base, cfg)
         hook = model.avf.step if model.avf is not None else None
         return Built(model, {"library": "vectorfit", **cfg.to_dict()}, model.save_pretrained, before_optimizer_step=hook, avf=model.avf)

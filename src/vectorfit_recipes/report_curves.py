@@ -15,9 +15,19 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, _fmt, _method_key
+from .report import LABELS, ORDER, _fmt
+
+
+def _method_key(m: str) -> tuple:
+    base = m.split("+")[0]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), m)
 
 __all__ = ["curve_groups", "curve_tables", "plot_curves", "choose_rates", "load_partials"]
+
+
+def _label(key: str) -> str:
+    base, *opts = key.split("+")
+    return " ".join([LABELS.get(base, base), *opts])
 
 
 def load_partials(root: Path, suite: str) -> list[dict]:
@@ -41,6 +51,20 @@ def load_partials(root: Path, suite: str) -> list[dict]:
     return out
 
 
+def method_label(r: dict) -> str:
+    """The method's key, with the recipe options that differ from the paper's form appended
+    (``vectorfit+relative``, ``vectorfit+bias_lr×0.1``), so option runs are not pooled together."""
+    c = r.get("config") or {}
+    out = r["method"]
+    if c.get("sigma_param", "absolute") != "absolute":
+        out += f"+{c['sigma_param']}"
+    if c.get("bias_lr_scale", 1.0) != 1.0:
+        out += f"+bias_lr×{c['bias_lr_scale']:g}"
+    if c.get("head_lr") is not None:
+        out += f"+head_lr={c['head_lr']:g}"
+    return out
+
+
 def curve_groups(results: list[dict], suite: str) -> dict[tuple, dict]:
     """(task, model, method, lr) -> {"steps": [...], "validation"/"test": {step: [per-seed values]},
     "seeds": [...], "metric": ...}, over the runs of ``suite`` that recorded a curve."""
@@ -48,7 +72,7 @@ def curve_groups(results: list[dict], suite: str) -> dict[tuple, dict]:
     for r in results:
         if r["_suite"] != suite or not r.get("curve"):
             continue
-        g = out.setdefault((r["task"], r["model"], r["method"], r["lr"]),
+        g = out.setdefault((r["task"], r["model"], method_label(r), r["lr"]),
                            {"validation": defaultdict(list), "test": defaultdict(list), "seeds": [],
                             "metric": r["metric"], "trainable": r["trainable_params"],
                             "avf": (r.get("avf") or {}).get("schedule")})
@@ -121,7 +145,7 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                 reach = first_step_within(g, split=split)
                 if g.get("partial_at"):
                     mark += f" (still training: {len(g['partial_at'])} run(s) stopped at step {max(g['partial_at'])})"
-                lines.append(f"| {LABELS.get(k[2], k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
+                lines.append(f"| {_label(k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
                              + f" | {reach if reach is not None else ''} |")
             lines.append("")
     return lines
@@ -153,7 +177,7 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test")
             lrs = sorted(rates[k[2]])
             style = ("-", "--", ":", "-.")[lrs.index(k[3]) % 4] if len(lrs) > 1 else "-"
             ys = [100 * y for y in _mean_curve(g, split)]
-            label = LABELS.get(k[2], k[2]) + (f" lr {k[3]:g}" if len(lrs) > 1 else "") + f" (n={len(g['seeds'])})"
+            label = _label(k[2]) + (f" lr {k[3]:g}" if len(lrs) > 1 else "") + f" (n={len(g['seeds'])})"
             ax.plot(g["steps"], ys, style, color=colors[k[2]], marker="o", ms=3, label=label,
                     lw=2.2 if k[2] == "vectorfit" else 1.4)
             if len(g["seeds"]) > 1:

@@ -17,14 +17,11 @@ epoch); the test metric is also measured before fine-tuning.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import platform
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,6 +30,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 from . import data as data_mod
 from . import methods as methods_mod
+from . import checkpoint as ckpt_mod
+from . import distributed as dist_mod
+from . import run_info
 from . import models as models_mod
 from .methods import METHODS, VECTORFIT_METHODS
 from .train_config import TrainConfig
@@ -119,82 +119,6 @@ def evaluate(model: Any, enc: _Encoded, metric: str, batch_size: int, device: An
     return data_mod.compute_metric(metric, preds, enc.labels.tolist())
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "vectorfit", "peft", "accelerate"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod)
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def _peak_rss_mb() -> Optional[float]:
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024
-
-
-def _jsonable(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _jsonable(dataclasses.asdict(x))
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return repr(x)
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-#: Methods whose weight update's spectrum is recorded (paper fig. 9: VectorFit vs full fine-tuning).
-SPECTRA_METHODS = ("vectorfit", "no_avf", "full")
-
-
-def _spectra_layers(base: Any) -> list[str]:
-    """First and last block's first attention matrix and first MLP matrix (4 layers)."""
-    from vectorfit import target_module_names
-
-    roles = target_module_names(base, with_roles=True)
-    names = list(roles)
-    picks = []
-    layer_ids = sorted({int(p) for n in names for p in n.split(".") if p.isdigit()})
-    for lid in (layer_ids[0], layer_ids[-1]) if layer_ids else ():
-        for role in ("attn", "mlp"):
-            cand = [n for n in names if roles[n] == role and f".{lid}." in f".{n}."]
-            if cand:
-                picks.append(cand[0])
-    return picks
-
-
-def _delta_spectra(model: Any, layers: list[str], w_init: dict) -> dict:
-    """Singular values of W_final - W_init (float32) for ``layers``, largest first."""
-    import torch
-
-    out = {}
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with torch.no_grad():
-        for name in layers:
-            mod = root.get_submodule(name)
-            if name in w_init:
-                delta = mod.weight.detach().float() - w_init[name].float()
-            else:
-                delta = mod.delta_weight()
-            out[name] = [float(x) for x in torch.linalg.svdvals(delta.float())]
-    return out
-
-
 def _partial_path(output: str) -> Path:
     """Where a run with ``--output X`` keeps its learning curve while it trains (``X.partial``)."""
     return Path(f"{output}.partial")
@@ -251,11 +175,17 @@ def run(cfg: TrainConfig, log: Any = print) -> dict:
     """
     cfg.validate()
     models_mod.set_offline()
-    with _process_settings(cfg):
+    # Under torchrun: the process group, and this rank's cfg/log (only rank 0 writes); see distributed.py.
+    with _process_settings(cfg), dist_mod.session(cfg, log) as (cfg, log):
         t_start = time.perf_counter()
         data = prepare_data(cfg, log)
         setup = build_method(cfg, data, log)
+        dist_mod.decorrelate_dropout(cfg.seed)
         outcome = train_loop(cfg, data, setup, log)
+        if not dist_mod.is_main():
+            return {"rank": dist_mod.rank(), "steps": outcome.steps}
+        if outcome.stopped:
+            return {"stopped_at": outcome.steps, "total_steps": data.total_steps, "curve": outcome.curve}
         result = record(cfg, data, setup, outcome, t_start, log)
     return result
 
@@ -300,6 +230,8 @@ class Outcome:
     best_val: Optional[float]
     best_epoch: Optional[int]
     train_seconds: float
+    stopped: bool = False        # --stop-at-step: the run is to be continued (no result yet)
+    resumed_from: list = field(default_factory=list)  # steps at which earlier invocations stopped
 
 
 def prepare_data(cfg: TrainConfig, log: Any = print) -> RunData:
@@ -333,12 +265,14 @@ def build_method(cfg: TrainConfig, data: RunData, log: Any = print) -> Setup:
     seed_everything(cfg.seed)
     base = models_mod.load_model(cfg.model, data.info.num_labels, pooling=cfg.pooling)
     t_wrap = time.perf_counter()
-    spectra_layers = _spectra_layers(base) if cfg.method in SPECTRA_METHODS else []
+    spectra_layers = run_info.spectra_layers(base) if cfg.method in run_info.SPECTRA_METHODS else []
     w_init = ({n: base.get_submodule(n).weight.detach().clone() for n in spectra_layers}
               if cfg.method == "full" else {})
     avf_options = dict(k=cfg.avf_k, beta=cfg.avf_beta, start_step=cfg.avf_start, interval=cfg.avf_interval,
                        num_freezes=cfg.avf_num_freezes)
-    built = methods_mod.build(cfg.method, base, data.total_steps, data.steps_per_epoch, avf_options=avf_options)
+    vf_options = {"sigma_param": cfg.sigma_param} if cfg.method in VECTORFIT_METHODS else None
+    built = methods_mod.build(cfg.method, base, data.total_steps, data.steps_per_epoch, avf_options=avf_options,
+                              vectorfit_options=vf_options)
     wrap_s = time.perf_counter() - t_wrap
     built.model.to(device)
     trainable, total = built.parameter_counts()
@@ -358,6 +292,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
     Validation after each epoch (``select_on_validation``: the best epoch's weights are restored at
     the end); validation and test at each step of ``cfg.eval_steps`` (the learning curve: the
     weights of that very step, no selection). Evaluation time is not counted as training time.
+    With ``cfg.output`` the loop keeps a checkpoint (``checkpoint.py``) and resumes from it.
     """
     import torch
     from tqdm.auto import tqdm
@@ -374,65 +309,95 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
         groups = params
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    curve_at = [s for s in cfg.curve_steps() if s <= data.total_steps]
+    ckpt = (ckpt_mod.checkpoint_path(cfg.output) if cfg.output and cfg.method not in ckpt_mod.RESUME_UNSUPPORTED
+            and not dist_mod.launched() else None)
+    st = (ckpt_mod.load(ckpt, cfg, model, optimizer, gen, log) if ckpt is not None else None) or ckpt_mod.LoopState()
+    curve_at = [s for s in cfg.curve_steps() if st.step < s <= data.total_steps]
 
     def ev(split: _Encoded, desc: str) -> float:
+        if not dist_mod.is_main():
+            return float("nan")  # only rank 0 evaluates (its numbers are the run's)
         return evaluate(model, split, metric, cfg.eval_batch_size, device, cfg.progress, desc)
 
+    def keep() -> None:
+        if ckpt is not None:
+            st.train_seconds += time.perf_counter() - t_train - eval_s
+            ckpt_mod.save(ckpt, cfg, st, model, optimizer, gen)
+            mark()
+
+    def mark() -> None:  # restart the optimisation clock after a checkpoint (its time is counted)
+        nonlocal t_train, eval_s
+        t_train, eval_s = time.perf_counter(), 0.0
+
     model.train()
-    step, losses, val_history, curve = 0, [], [], []
-    best_val, best_state, best_epoch = None, None, None
-    eval_s = 0.0
-    t_train = time.perf_counter()
-    bar = tqdm(total=data.total_steps, desc=f"train {cfg.method}", disable=not cfg.progress, dynamic_ncols=True)
-    for epoch in range(1, data.epochs + 1):
-        perm = torch.randperm(len(data.train), generator=gen).tolist()
-        for s in range(0, len(perm), cfg.batch_size):
-            if step >= data.total_steps:
-                break
-            loss = model(**data.train.batch(perm[s: s + cfg.batch_size], device)).loss
-            loss.backward()
-            step += 1
+    eval_s, t_train = 0.0, time.perf_counter()
+    stopped = False
+    bar = tqdm(total=data.total_steps, initial=st.step, desc=f"train {cfg.method}", disable=not cfg.progress,
+               dynamic_ncols=True)
+    while st.epoch <= data.epochs and not stopped:
+        if st.perm is None:
+            st.perm, st.pos = torch.randperm(len(data.train), generator=gen).tolist(), 0
+        while st.pos < len(st.perm) and st.step < data.total_steps:
+            idx = st.perm[st.pos: st.pos + cfg.batch_size]
+            # this rank's share of the batch under a launcher, gradients combined (distributed.py)
+            loss = dist_mod.forward_backward(model, lambda i: data.train.batch(i, device), idx, params)
+            st.step += 1
+            st.pos += cfg.batch_size
             if built.before_optimizer_step is not None:  # AVF: freeze between backward and step
-                built.before_optimizer_step(step)
+                built.before_optimizer_step(st.step)
             optimizer.step()
             if built.after_optimizer_step is not None:
-                built.after_optimizer_step(step)
+                built.after_optimizer_step(st.step)
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            st.losses.append(float(loss.detach()))
             bar.update(1)
-            if step % 5 == 0 or step == data.total_steps:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", epoch=epoch)
-            if curve_at and step == curve_at[0]:
+            if st.step % 5 == 0 or st.step == data.total_steps:
+                bar.set_postfix(loss=f"{sum(st.losses[-20:]) / len(st.losses[-20:]):.4f}", epoch=st.epoch)
+            if curve_at and st.step == curve_at[0]:
                 curve_at.pop(0)
                 t_ev = time.perf_counter()
-                point = {"step": step, "epoch": round(step / data.steps_per_epoch, 3),
-                         "train_loss": sum(losses[-20:]) / len(losses[-20:]),
-                         "validation": ev(data.validation, f"validation @{step}"), "test": ev(data.test, f"test @{step}")}
+                point = {"step": st.step, "epoch": round(st.step / data.steps_per_epoch, 3),
+                         "train_loss": sum(st.losses[-20:]) / len(st.losses[-20:]),
+                         "validation": ev(data.validation, f"validation @{st.step}"),
+                         "test": ev(data.test, f"test @{st.step}")}
                 eval_s += time.perf_counter() - t_ev
-                curve.append(point)
-                tqdm.write(f"[curve] step {step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
+                st.curve.append(point)
+                tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
                 if cfg.output:  # a long run stopped early still leaves its curve so far
                     _write_json(_partial_path(cfg.output), {
                         "partial": True, "task": cfg.task, "model": cfg.model, "method": cfg.method,
-                        "seed": cfg.seed, "lr": lr, "metric": metric, "curve": curve,
-                        "total_steps": data.total_steps, "config": _jsonable(cfg)})
+                        "seed": cfg.seed, "lr": lr, "metric": metric, "curve": st.curve,
+                        "total_steps": data.total_steps, "config": run_info.jsonable(cfg)})
+                keep()
+            if cfg.stop_at_step is not None and st.step >= cfg.stop_at_step and st.step < data.total_steps:
+                stopped = True
+                break
+        if stopped:
+            keep()
+            break
         if cfg.select_on_validation:
             t_ev = time.perf_counter()
             v = ev(data.validation, "validation")
             eval_s += time.perf_counter() - t_ev
-            val_history.append({"epoch": epoch, "step": step, metric: v})
-            if best_val is None or v > best_val:
-                best_val, best_epoch = v, epoch
+            st.val_history.append({"epoch": st.epoch, "step": st.step, metric: v})
+            if st.best_val is None or v > st.best_val:
+                st.best_val, st.best_epoch = v, st.epoch
                 # the last epoch's weights are in the model already
-                best_state = {id(p): p.detach().clone() for p in params} if epoch < data.epochs else None
+                st.best_state = [p.detach().clone() for p in params] if st.epoch < data.epochs else None
+        st.epoch, st.perm, st.pos = st.epoch + 1, None, 0
+        if st.epoch <= data.epochs:
+            keep()
     bar.close()
-    train_s = time.perf_counter() - t_train - eval_s  # optimisation only
-    if best_state is not None:  # an earlier epoch was better on validation
+    train_s = st.train_seconds + time.perf_counter() - t_train - eval_s  # optimisation only
+    if stopped:
+        log(f"[vectorfit] stopped at step {st.step} of {data.total_steps} (--stop-at-step); the checkpoint is "
+            f"{ckpt}: run the same command without --stop-at-step to go on")
+    elif st.best_state is not None:  # an earlier epoch was better on validation
         with torch.no_grad():
-            for p in params:
-                p.copy_(best_state[id(p)])
-    return Outcome(lr, step, losses, val_history, curve, best_val, best_epoch, train_s)
+            for p, v in zip(params, st.best_state):
+                p.copy_(v)
+    return Outcome(lr, st.step, st.losses, st.val_history, st.curve, st.best_val, st.best_epoch, train_s,
+                   stopped=stopped, resumed_from=st.resumed_from)
 
 
 def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start: float,
@@ -454,17 +419,17 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
 
     if cfg.save_adapter:
         built.save(cfg.save_adapter)
-        adapter_bytes = _dir_bytes(Path(cfg.save_adapter))
+        adapter_bytes = run_info.dir_bytes(Path(cfg.save_adapter))
     else:  # measure the adapter's size all the same
         with tempfile.TemporaryDirectory(prefix="vectorfit-adapter-") as d:
             built.save(d)
-            adapter_bytes = _dir_bytes(Path(d))
+            adapter_bytes = run_info.dir_bytes(Path(d))
 
     avf = built.avf
     avf_info = None if avf is None else {
-        "schedule": _jsonable(avf.schedule()) if hasattr(avf, "schedule") else None,
-        "history": _jsonable(getattr(avf, "history", None)),
-        "frozen_at_end": _jsonable(getattr(avf, "frozen", None)),
+        "schedule": run_info.jsonable(avf.schedule()) if hasattr(avf, "schedule") else None,
+        "history": run_info.jsonable(getattr(avf, "history", None)),
+        "frozen_at_end": run_info.jsonable(getattr(avf, "frozen", None)),
     }
     wall_s = time.perf_counter() - t_start
     result = {
@@ -474,19 +439,20 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
         "test_before": setup.test_before, "test": after, "validation": best_val, "best_epoch": best_epoch,
         "validation_history": out.val_history, "curve": out.curve,
         "trainable_params": setup.trainable, "total_params": setup.total, "adapter_bytes": adapter_bytes,
-        "steps": out.steps, "epochs": data.epochs,
+        "steps": out.steps, "epochs": data.epochs, "resumed_from": out.resumed_from,
         "n_train": len(data.train), "n_validation": len(data.validation), "n_test": len(data.test),
         "final_train_loss": (sum(out.losses[-20:]) / len(out.losses[-20:])) if out.losses else None,
-        "train_seconds": out.train_seconds, "wall_seconds": wall_s, "peak_rss_mb": _peak_rss_mb(),
-        "threads": torch.get_num_threads(), "device": str(setup.device),
+        "train_seconds": out.train_seconds, "wall_seconds": wall_s, "peak_rss_mb": run_info.peak_rss_mb(),
+        "threads": torch.get_num_threads(), "device": str(setup.device), **dist_mod.annotate({}),
         "avf": avf_info,
-        "training_strengths": _jsonable(model.training_strengths()) if hasattr(model, "training_strengths") else None,
-        "delta_spectra": _delta_spectra(model, setup.spectra_layers, setup.w_init) if setup.spectra_layers else None,
-        "lr": out.lr, "dataset_stats": data.stats, "config": _jsonable(cfg), "versions": _versions(),
+        "training_strengths": run_info.jsonable(model.training_strengths()) if hasattr(model, "training_strengths") else None,
+        "delta_spectra": run_info.delta_spectra(model, setup.spectra_layers, setup.w_init) if setup.spectra_layers else None,
+        "lr": out.lr, "dataset_stats": data.stats, "config": run_info.jsonable(cfg), "versions": run_info.versions(),
     }
     if cfg.output:
         _write_json(Path(cfg.output), result)
         _partial_path(cfg.output).unlink(missing_ok=True)
+        ckpt_mod.checkpoint_path(cfg.output).unlink(missing_ok=True)
 
     if setup.test_before is not None:
         log(f"test {metric} before fine-tuning: {setup.test_before:.4f}")

@@ -74,8 +74,15 @@ class TrainConfig:
     bias_lr_scale: float = field(default=1.0, metadata=_help(
         "VectorFit methods: the bias vectors' rate is lr x this (see vectorfit.param_groups; the paper uses "
         "one rate, 1.0)"))
+    sigma_param: str = field(default="absolute", metadata=_help(
+        "VectorFit methods: absolute = train s itself (the paper); relative = s = s0 * (1 + z), z trained "
+        "from 0, so each singular value moves by a relative amount (see VectorFitConfig.sigma_param)",
+        choices=("absolute", "relative")))
     head_lr: Optional[float] = field(default=None, metadata=_help(
         "VectorFit methods: the new head's own rate; none = lr"))
+    stop_at_step: Optional[int] = field(default=None, metadata=_help(
+        "stop after this optimizer step, keeping the checkpoint (needs --output); the same command "
+        "without this flag resumes (to spread a long run over several sittings)"))
     eval_steps: Optional[str] = field(default=None, metadata=_help(
         "comma-separated optimizer steps (e.g. 64,128,256) at which validation and test are measured: "
         "the learning curve in the result's 'curve'; none = no curve"))
@@ -98,14 +105,18 @@ class TrainConfig:
         data_mod.get_dataset_info(self.task)
         models_mod.get_model_info(self.model)
         self.curve_steps()
+        if self.stop_at_step is not None and (self.stop_at_step < 1 or self.output is None):
+            raise ValueError(f"--stop-at-step {self.stop_at_step}: needs --output (the checkpoint is kept beside it) "
+                             "and a step >= 1")
         import math
 
         if not (math.isfinite(self.bias_lr_scale) and self.bias_lr_scale >= 0):
             raise ValueError(f"--bias-lr-scale must be a finite number >= 0, got {self.bias_lr_scale}")
         if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
             raise ValueError(f"--head-lr must be a finite number > 0 or none, got {self.head_lr}")
-        if self.method not in VECTORFIT_METHODS and (self.bias_lr_scale != 1.0 or self.head_lr is not None):
-            raise ValueError(f"--bias-lr-scale and --head-lr apply to the VectorFit methods "
+        if self.method not in VECTORFIT_METHODS and (self.bias_lr_scale != 1.0 or self.head_lr is not None
+                                                      or self.sigma_param != "absolute"):
+            raise ValueError(f"--bias-lr-scale, --head-lr and --sigma-param apply to the VectorFit methods "
                              f"({', '.join(VECTORFIT_METHODS)}), not to --method {self.method}")
         for name in ("epochs", "max_len", "batch_size", "eval_batch_size", "avf_k"):
             if getattr(self, name) < 1:

@@ -1,0 +1,115 @@
+"""Resumable runs: the training loop's state, written atomically next to the result file.
+
+A run with ``--output X`` keeps ``X.ckpt`` while it trains (at every learning-curve step and every
+epoch end) and removes it when the result is written. Running the same command again continues from
+it: same weights, optimizer moments, AVF state, data order and random streams, so the resumed run
+gives the numbers the uninterrupted run would have (tested). A checkpoint made with other settings
+(another rate, seed, budget, ...) is not used: the run starts afresh and says so.
+
+The file holds the trainable parameters and every buffer of the model (AVF's state is a set of
+buffers), not the frozen weights, which come from the pretrained model again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["LoopState", "checkpoint_path", "identity", "save", "load", "RESUME_UNSUPPORTED"]
+
+FORMAT = 1
+
+#: Methods whose per-step state lives outside the model and the optimizer (peft's AdaLoRA keeps its
+#: importance scores in Python dicts): they are not checkpointed and restart from scratch.
+RESUME_UNSUPPORTED = ("adalora",)
+
+# Settings that change how a run is executed or reported, not the numbers it produces.
+_NOT_IDENTITY = {"output", "save_adapter", "threads", "progress", "stop_at_step", "low_memory", "device"}
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Everything the training loop needs to continue where it stopped."""
+
+    step: int = 0
+    epoch: int = 1
+    pos: int = 0                      # index into ``perm`` of the next batch
+    perm: Optional[list] = None       # this epoch's data order (None: not drawn yet)
+    losses: list = dataclasses.field(default_factory=list)
+    val_history: list = dataclasses.field(default_factory=list)
+    curve: list = dataclasses.field(default_factory=list)
+    best_val: Optional[float] = None
+    best_epoch: Optional[int] = None
+    best_state: Optional[list] = None  # trainable tensors of the best epoch, in parameter order
+    train_seconds: float = 0.0         # optimisation time of earlier invocations
+    resumed_from: list = dataclasses.field(default_factory=list)
+
+
+def checkpoint_path(output: str) -> Path:
+    return Path(f"{output}.ckpt")
+
+
+def identity(cfg: Any) -> dict:
+    """The settings that determine a run's numbers (a checkpoint is used only if they match)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+
+
+def _model_state(model: Any) -> dict:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    params = {n for n, _ in model.named_parameters()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k not in params}
+
+
+def save(path: Path, cfg: Any, state: LoopState, model: Any, optimizer: Any, generator: Any) -> None:
+    """Write the checkpoint atomically (a temporary file renamed over the old one)."""
+    import numpy as np
+    import torch
+
+    blob = {
+        "format": FORMAT, "identity": identity(cfg), "loop": dataclasses.asdict(state),
+        "model": _model_state(model), "optimizer": optimizer.state_dict(),
+        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                "python": random.getstate(), "numpy": np.random.get_state()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path, cfg: Any, model: Any, optimizer: Any, generator: Any, log: Any = print) -> Optional[LoopState]:
+    """Restore a checkpoint made by the same settings; ``None`` (start afresh) if there is none,
+    it is unreadable, or it belongs to other settings."""
+    import numpy as np
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a damaged file must not stop the run: it is rebuilt as training goes
+        log(f"[vectorfit] ignoring unreadable checkpoint {path} ({type(e).__name__}: {e}); starting afresh")
+        return None
+    if blob.get("format") != FORMAT or blob.get("identity") != identity(cfg):
+        changed = sorted(k for k, v in identity(cfg).items() if (blob.get("identity") or {}).get(k) != v)
+        log(f"[vectorfit] checkpoint {path} is from other settings ({', '.join(changed) or 'format'}); starting afresh")
+        return None
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {path} holds tensors this model lacks: {unexpected[:5]}; delete it to start afresh")
+    optimizer.load_state_dict(blob["optimizer"])
+    rng = blob["rng"]
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    state = LoopState(**blob["loop"])
+    state.resumed_from = [*state.resumed_from, state.step]
+    log(f"[vectorfit] resuming from {path} at step {state.step}")
+    return state
