@@ -142,3 +142,13 @@ def test_strength_spread_ignores_untrained_vectors_and_matches_by_hand():
     # population std of (1, 3) is 1, mean 2; the zero key bias is left out
     assert s == {"cv": 0.5, "max_over_mean": 1.5}
     assert report.strength_spread({"a.sigma": 1.0, "k.bias": 0.0}) is None
+
+
+def test_pooling_effect_is_paired_by_seed_against_the_main_suite():
+    main = [_fake_result("lora_r1", "movie", s, v) for s, v in {0: 0.70, 1: 0.74, 2: 0.71}.items()]
+    pooled = [{**_fake_result("lora_r1", "movie", s, v), "_suite": "pooling"} for s, v in {0: 0.75, 1: 0.73}.items()]
+    eff = report.pooling_effect(report.aggregate(main + pooled))
+    e = eff[("movie", "lora_r1")]
+    assert e["n"] == 2 and e["wins"] == 1
+    assert e["mean"] == pytest.approx(((0.75 - 0.70) + (0.73 - 0.74)) / 2, abs=1e-12)
+    assert "| movie | LoRA r=1 | 71.67 | 74.00 | +2.00 ± 4.24 | 1/2 |" in "\n".join(report._pooling_table(report.aggregate(main + pooled)))

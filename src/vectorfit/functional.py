@@ -414,3 +414,33 @@ def svd_linear(
     with torch.autocast(dev, enabled=False):
         y = _Dense.apply(x2d, U, Vh, s, b, low_mem) if policy == "dense" else _Factorised.apply(x2d, U, Vh, s, b)
     return y.reshape(*lead, c)
+
+
+def mixed_rows_linear(
+    x: Tensor,
+    rows: Tensor,
+    B: Optional[Tensor],
+    U: Optional[Tensor] = None,
+    Vh: Optional[Tensor] = None,
+    S: Optional[Tensor] = None,
+    W: Optional[Tensor] = None,
+) -> Tensor:
+    """A linear map whose singular values and bias differ per batch row (mixed-adapter batches).
+
+    Args:
+        x: ``batch x ... x d_in``.
+        rows: ``batch`` indices into the stacks below (which vector set each row uses).
+        B: ``n_sets x d_out`` biases, or ``None``.
+        U, Vh, S: shared factors and ``n_sets x r`` singular values (decomposed layer), or
+        W: the shared dense weight (a bias-only layer; ``U``, ``Vh``, ``S`` then ``None``).
+
+    Returns:
+        ``batch x ... x d_out``: row ``i`` is ``U (S[rows[i]] * Vh x_i) + B[rows[i]]``.
+    """
+    F = torch.nn.functional
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+    if W is not None:
+        y = F.linear(x, W)
+    else:
+        y = F.linear(F.linear(x, Vh) * S.to(x.dtype)[rows].view(shape), U)
+    return y if B is None else y + B.to(x.dtype)[rows].view(shape)

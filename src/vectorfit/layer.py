@@ -9,6 +9,11 @@ Storage: ``U`` and ``Vh`` are frozen buffers in the base weight's dtype; ``sigma
 float32 parameters (the optimizer updates them in full precision even for bf16/fp16 models) and
 are cast to the activation dtype in the forward pass.
 
+Several adapters (see :mod:`vectorfit.adapters`) share ``U``, ``Vh`` and ``sigma0``; each owns its
+own vector parameters. The active adapter's are registered as the layer's parameters under their usual
+names (``sigma``/``sigma_delta``, ``bias``), so optimizers, AVF and checkpoints see exactly what a
+single-adapter layer shows; the others wait in ``_adapters``.
+
 A layer whose singular values are not trained (e.g. f1/f2 in the ``sigma_attn_bias`` variant) is
 never decomposed: it keeps its dense weight and trains only its bias ("bias-only" mode), so it
 costs neither an SVD nor extra memory.
@@ -22,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import svd_linear
+from .functional import mixed_rows_linear, svd_linear
+
+#: peft's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``).
+BASE = "__base__"
+_VECTOR_NAMES = ("sigma", "sigma_delta", "bias")
 
 
 def svd_fp32(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,6 +65,7 @@ class SVDLinear(nn.Module):
         sigma_param: ``"absolute"``: the parameter is ``sigma`` itself. ``"relative"``: the
             parameter is ``sigma_delta`` (zeros at init) and ``sigma = sigma0 * (1 + sigma_delta)``
             is computed from it (``layer.sigma`` still reads the effective singular values).
+        adapter_name: the name of the adapter these first vectors belong to.
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class SVDLinear(nn.Module):
         train_bias: bool,
         svd: Optional[tuple[Tensor, Tensor, Tensor]] = None,
         sigma_param: str = "absolute",
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
         if sigma_param not in ("absolute", "relative"):
@@ -107,6 +118,76 @@ class SVDLinear(nn.Module):
             self.bias0 = None
             # A bias that is not trained is frozen base state; keep it out of checkpoints.
             self.register_buffer("bias", b0.clone() if b0 is not None else None, persistent=False)
+        # Plain attributes (not registered): only the active adapter's vectors are module parameters.
+        self.__dict__["_adapters"] = {adapter_name: self._registered_vectors()}
+        self.__dict__["_active"] = adapter_name
+        self.__dict__["_rows"] = None  # (adapter names, row index) during a mixed-adapter batch
+
+    # ------------------------------------------------------------------ several adapters
+    def _registered_vectors(self) -> dict[str, nn.Parameter]:
+        return {k: self._parameters[k] for k in _VECTOR_NAMES if self._parameters.get(k) is not None}
+
+    def add_vectors(self, name: str, sigma_param: str = "absolute") -> dict[str, nn.Parameter]:
+        """Create the vectors of a new adapter ``name`` at their pre-trained values (not activated).
+
+        Args:
+            name: the adapter's name.
+            sigma_param: ``"absolute"`` or ``"relative"``, as in the constructor.
+
+        Returns:
+            ``{parameter name: parameter}`` of the new adapter (trainable).
+        """
+        if sigma_param not in ("absolute", "relative"):
+            raise ValueError(f"SVDLinear: sigma_param={sigma_param!r} is invalid; use 'absolute' or 'relative'")
+        vecs: dict[str, nn.Parameter] = {}
+        if self.train_sigma:
+            key = "sigma_delta" if sigma_param == "relative" else "sigma"
+            vecs[key] = nn.Parameter(torch.zeros_like(self.sigma0) if key == "sigma_delta" else self.sigma0.clone())
+        if self.train_bias:
+            vecs["bias"] = nn.Parameter(self.bias0.clone())
+        self._adapters[name] = vecs
+        return vecs
+
+    def set_active(self, name: str) -> None:
+        """Register adapter ``name``'s vectors as this layer's parameters (a merged layer is re-merged
+        with them)."""
+        if name == self._active:
+            return
+        was_merged = self.merged
+        self.unmerge()
+        for k in self._adapters[self._active]:
+            self._parameters.pop(k, None)
+        self._parameters.update(self._adapters[name])
+        self.__dict__["_active"] = name
+        if was_merged:
+            self.merge()
+
+    def drop_vectors(self, name: str) -> None:
+        """Forget adapter ``name`` (never the active one: activate another first)."""
+        if name == self._active:
+            raise ValueError(f"cannot drop the active adapter {name!r} of a layer; activate another one first")
+        self._adapters.pop(name, None)
+
+    def effective_vectors(self, name: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(sigma, bias)`` that adapter ``name`` computes with (``BASE``: the pre-trained ones);
+        ``sigma`` is ``None`` for a bias-only layer."""
+        if name == BASE:
+            return (self.sigma0 if self.train_sigma else None), self.current_bias(original=True)
+        vecs = self._adapters[name]
+        s = self.sigma0 * (1.0 + vecs["sigma_delta"]) if "sigma_delta" in vecs else vecs.get("sigma")
+        return s, vecs.get("bias", self.bias)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to()/.half()/.cuda() reach registered parameters only: move the waiting adapters too,
+        # keeping their Parameter objects (an optimizer may hold them), as torch does by default.
+        out = super()._apply(fn, recurse)
+        self._adapters[self._active] = self._registered_vectors()  # torch may have made new objects
+        with torch.no_grad():
+            for name, vecs in self._adapters.items():
+                if name != self._active:
+                    for p in vecs.values():
+                        p.data = fn(p.data)
+        return out
 
     # ------------------------------------------------------------------ parameterisation
     def __getattr__(self, name: str):  # type: ignore[override]
@@ -188,6 +269,8 @@ class SVDLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         disabled = self.disabled
+        if self._rows is not None and not disabled:
+            return self._mixed_forward(x)
         bias = self.current_bias(original=disabled)
         if bias is not None:
             bias = bias.to(x.dtype)
@@ -201,6 +284,24 @@ class SVDLinear(nn.Module):
         s = self.sigma0.to(x.dtype)
         # Two thin matmuls with the original singular values.
         return F.linear(F.linear(x, self.Vh) * s, self.U, bias)
+
+    def _mixed_forward(self, x: Tensor) -> Tensor:
+        """One pass over a batch whose rows use different adapters: ``y_i = U (s_a(i) * Vh x_i) + b_a(i)``."""
+        names, index = self._rows
+        if x.dim() < 2 or x.shape[0] % index.numel():
+            raise ValueError(
+                f"mixed-adapter batch: this layer got input of shape {tuple(x.shape)}, whose first dimension is not a "
+                f"multiple of the {index.numel()} adapter_names given (one name per row of the batch)"
+            )
+        # generate() may repeat each row (beams, num_return_sequences) with repeat_interleave.
+        index = index.to(x.device).repeat_interleave(x.shape[0] // index.numel())
+        pairs = [self.effective_vectors(n) for n in names]
+        biases = [b for _, b in pairs]
+        B = torch.stack([b.to(torch.float32) for b in biases]) if biases[0] is not None else None
+        if not self.train_sigma:
+            return mixed_rows_linear(x, index, B, W=self.weight)
+        S = torch.stack([s.to(torch.float32) for s, _ in pairs])
+        return mixed_rows_linear(x, index, B, U=self.U, Vh=self.Vh, S=S)
 
     def extra_repr(self) -> str:
         mode = "sigma+bias" if self.train_sigma and self.train_bias else "sigma" if self.train_sigma else "bias"

@@ -9,7 +9,6 @@ the base model (``model.config`` is the base model's config).
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 from pathlib import Path
@@ -26,6 +25,7 @@ from .layer import SVDLinear
 from .notices import warn
 from .progress import progress_enabled, svd_progress
 from .targets import find_targets, is_conv1d
+from .adapters import AdaptersMixin, ModulesToSaveWrapper
 from .unsupported import UnsupportedMethodsMixin
 
 logger = logging.getLogger(__name__)
@@ -64,25 +64,7 @@ def _plain_layer(info: dict, weight: torch.Tensor, bias: Optional[torch.Tensor])
     return new.requires_grad_(False)
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """Keeps a new task head's original weights next to the trained copy (peft's
-    "modules_to_save"): the copy trains and is saved, the original serves ``disable_adapter``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = module
-        self.trained_module = copy.deepcopy(module)
-        for p in self.original_module.parameters():
-            p.requires_grad_(False)
-        for p in self.trained_module.parameters():
-            p.requires_grad_(True)
-        self.disabled = False
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return (self.original_module if self.disabled else self.trained_module)(*args, **kwargs)
-
-
-class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
+class VectorFitModel(AdaptersMixin, UnsupportedMethodsMixin, nn.Module):
     """A base model with VectorFit layers in place of its target matrices.
 
     Build it with :func:`get_vectorfit_model` or :meth:`from_pretrained`.
@@ -91,9 +73,11 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
         model: the base model; modified in place (its target layers are replaced).
         config: what to adapt.
         fingerprints: known fingerprints of target weights (skips hashing them again).
+        adapter_name: the name of this first adapter (more: :meth:`add_adapter`, :meth:`load_adapter`).
     """
 
-    def __init__(self, model: nn.Module, config: VectorFitConfig, fingerprints: Optional[dict] = None) -> None:
+    def __init__(self, model: nn.Module, config: VectorFitConfig, fingerprints: Optional[dict] = None,
+                 adapter_name: str = "default") -> None:
         super().__init__()
         if isinstance(model, VectorFitModel):
             raise ConfigError("the model already has VectorFit layers; pass its base model (model.get_base_model())")
@@ -107,18 +91,19 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self._factors_shared = distributed.begin_decomposition()  # rank 0's factors on every rank?
-        self._inject(fingerprints or {})
-        self._wrap_modules_to_save()
+        self._inject(fingerprints or {}, adapter_name)
+        self._wrap_modules_to_save(adapter_name)
         tasks.warn_frozen_new_parameters(new_params, [*self._targets, *self._modules_to_save], type(model).__name__)
         vectors = [(f"{n}.{a}", layer, a) for n, layer in self.vectorfit_layers() for a in ("sigma", "bias") if self._trains(layer, a)]
         self.avf = AdaptiveVectorFreezing(vectors, config.avf) if config.uses_avf else None
+        self._init_adapters(adapter_name)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
     def _trains(layer: SVDLinear, attr: str) -> bool:
         return layer.train_sigma if attr == "sigma" else layer.train_bias
 
-    def _inject(self, fingerprints: dict) -> None:
+    def _inject(self, fingerprints: dict, adapter_name: str) -> None:
         cfg = self.vectorfit_config
         targets = list(find_targets(self.base_model, cfg.target_modules, cfg.exclude_modules, skip=cfg.modules_to_save))
         for name, module, role in svd_progress(targets, len(targets), progress_enabled(cfg.progress) and distributed.is_main_process()):
@@ -130,7 +115,7 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
             fp = fingerprints.get(name) or fingerprint(matrix)
             # Under torch.distributed, rank 0 decomposes and broadcasts (distributed.py says why).
             svd = distributed.decompose(self.svd_cache, matrix, fp, name) if train_sigma else None
-            layer = SVDLinear(matrix, module.bias, train_sigma, train_bias, svd=svd, sigma_param=cfg.sigma_param)
+            layer = SVDLinear(matrix, module.bias, train_sigma, train_bias, svd=svd, sigma_param=cfg.sigma_param, adapter_name=adapter_name)
             aliases = _set_submodule(self.base_model, name, layer)
             if len(aliases) > 1:
                 warn(f"module {name!r} is also registered as {[a for a in aliases if a != name]} (the same layer object): "
@@ -152,7 +137,7 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
                 "its roles (attention/MLP) do not occur among them; widen target_modules or pick another variant"
             )
 
-    def _wrap_modules_to_save(self) -> None:
+    def _wrap_modules_to_save(self, adapter_name: str) -> None:
         self._modules_to_save: list[str] = []
         for entry in self.vectorfit_config.modules_to_save or []:
             names = [n for n, _ in self.base_model.named_modules() if n and (n == entry or n.endswith("." + entry))]
@@ -164,12 +149,17 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
                     f"{[n for n, _ in self.base_model.named_children()]}"
                 )
             for name in names:
-                _set_submodule(self.base_model, name, ModulesToSaveWrapper(self.base_model.get_submodule(name)))
+                _set_submodule(self.base_model, name, ModulesToSaveWrapper(self.base_model.get_submodule(name), adapter_name))
                 self._modules_to_save.append(name)
 
     # ------------------------------------------------------------------ basics
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[list] = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``adapter_names`` (one adapter name or ``"__base__"`` per batch
+        row) runs each row with its own adapter in the same pass."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._mixed(adapter_names):
+            return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -304,9 +294,9 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
         }
 
     # ------------------------------------------------------------------ adapters
-    def save_pretrained(self, save_directory: Union[str, Path], **_: Any) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (trained vectors, heads,
-        base-weight fingerprints) atomically into ``save_directory``."""
+    def _save_active(self, save_directory: Union[str, Path]) -> None:
+        """Write the active adapter's ``adapter_config.json`` and ``adapter_model.safetensors``
+        (trained vectors, heads, base-weight fingerprints) atomically into ``save_directory``."""
         tensors: dict[str, torch.Tensor] = {}
         for name, p in self.trainable_vectors().items():
             tensors[name] = p.detach()
@@ -346,8 +336,9 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
         cache_dir: Optional[str] = None,
         svd_cache: bool = True,
         check_base: str = "error",
+        adapter_name: str = "default",
     ) -> "VectorFitModel":
-        """Load an adapter onto a fresh base model.
+        """Load an adapter onto a fresh base model (more adapters of the same base: :meth:`load_adapter`).
 
         Args:
             model: the base model the adapter was trained on (checked by fingerprints).
@@ -357,6 +348,7 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
             check_base: ``"error"`` (default) refuses a base whose tensors outside the adapted
                 matrices (embeddings, norms, an unsaved head) differ from the training model's;
                 ``"warn"`` loads it with a warning. Target matrices must always match.
+            adapter_name: the name the adapter gets here.
 
         Raises:
             adapter_io.AdapterError: missing/corrupt files, or a base model that differs from the
@@ -384,26 +376,11 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
         if "base_tensors" in meta:  # adapters saved before this check have no record
             other = cls._other_base_tensors(model, {n: i for n, i in saved.items() if n in found}, meta.get("modules_to_save", []))
             base_check.enforce_other_tensors(other, meta["base_tensors"], adapter_path, check_base)
-        vf = cls._build(model, config, fingerprints)
+        vf = cls._build(model, config, fingerprints, adapter_name)
         extra = set(vf._targets) - set(saved)
         if extra:
             raise adapter_io.AdapterError(f"the adapter does not cover target modules {sorted(extra)[:5]} of this model")
-        params = dict(vf.trainable_vectors())
-        for name in vf._modules_to_save:
-            for pname, p in vf.base_model.get_submodule(name).trained_module.named_parameters():
-                params[f"{name}.{pname}"] = p
-        missing = sorted(set(params) - set(tensors))
-        unexpected = sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise adapter_io.AdapterError(
-                f"adapter tensors do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                t = tensors[name]
-                if t.shape != p.shape:
-                    raise adapter_io.AdapterError(f"adapter tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-                p.copy_(t.to(p.dtype))
+        vf._fill(adapter_name, tensors, adapter_path)
         base_check.check_signatures(dict(vf.vectorfit_layers()), saved)
         if not is_trainable:
             for p in vf.parameters():
@@ -411,8 +388,11 @@ class VectorFitModel(UnsupportedMethodsMixin, nn.Module):
         return vf
 
     @staticmethod
-    def _build(model: nn.Module, config: VectorFitConfig, fingerprints: Optional[dict] = None) -> "VectorFitModel":
-        return _class_for(type(model))(model, config, fingerprints)
+    def _build(model: nn.Module, config: VectorFitConfig, fingerprints: Optional[dict] = None,
+               adapter_name: str = "default") -> "VectorFitModel":
+        from .adapters import _check_name
+
+        return _class_for(type(model))(model, config, fingerprints, _check_name(adapter_name))
 
 
 _CLASSES: dict[type, type] = {}
@@ -429,7 +409,7 @@ def _class_for(base_cls: type) -> type:
         base_forward = getattr(base_cls, "forward", None)
 
         def forward(self: VectorFitModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            return VectorFitModel.forward(self, *args, **kwargs)
 
         try:
             forward.__signature__ = inspect.signature(base_forward)  # type: ignore[attr-defined]
@@ -440,17 +420,18 @@ def _class_for(base_cls: type) -> type:
     return _CLASSES[base_cls]
 
 
-def get_vectorfit_model(model: nn.Module, config: Optional[VectorFitConfig] = None) -> VectorFitModel:
+def get_vectorfit_model(model: nn.Module, config: Optional[VectorFitConfig] = None, adapter_name: str = "default") -> VectorFitModel:
     """Replace the target layers of ``model`` by VectorFit layers and freeze everything else.
 
     Args:
         model: a pre-trained model (modified in place).
         config: what to adapt; ``VectorFitConfig()`` (the full method on default targets) if ``None``.
+        adapter_name: the name of this first adapter.
 
     Returns:
         A :class:`VectorFitModel` whose forward is the base model's forward.
     """
-    return VectorFitModel._build(model, config if config is not None else VectorFitConfig())
+    return VectorFitModel._build(model, config if config is not None else VectorFitConfig(), adapter_name=adapter_name)
 
 
 def target_module_names(

@@ -5,8 +5,9 @@
 ``PeftAdapterMixin`` (``load_adapter``, ``set_adapter``, ...) and for ``push_to_hub`` that forwarding
 does the wrong thing silently: they would attach a *peft* adapter to layers VectorFit has replaced,
 or upload the whole base model with VectorFit's internals. Each of them is defined here instead and
-raises ``NotImplementedError`` naming what to use. (Several adapters on one base model are planned;
-these methods will then get VectorFit implementations.)
+raises ``NotImplementedError`` naming what to use. (The adapter methods VectorFit implements,
+``load_adapter``, ``add_adapter``, ``set_adapter``, ``delete_adapter``, ``add_weighted_adapter``, live in
+:mod:`vectorfit.adapters`.)
 """
 
 from __future__ import annotations
@@ -15,18 +16,12 @@ from typing import Any, NoReturn
 
 __all__ = ["UnsupportedMethodsMixin", "UNSUPPORTED"]
 
-_ONE_ADAPTER = "a VectorFitModel holds exactly one adapter, always active (several adapters on one base model are planned)"
+_MANY = "VectorFitModel has its own adapter methods: load_adapter(path, name, hotswap=True) replaces an adapter's vectors in place"
 _DISABLE = "for the base model's outputs use `with model.disable_adapter(): ...`"
 
 #: method name -> what to do instead.
 UNSUPPORTED: dict[str, str] = {
-    "load_adapter": "load a saved VectorFit adapter onto a fresh base model with VectorFitModel.from_pretrained(base, path)",
-    "add_adapter": "wrap another copy of the base model with get_vectorfit_model(base, config); " + _ONE_ADAPTER,
-    "set_adapter": _ONE_ADAPTER,
-    "delete_adapter": _ONE_ADAPTER + "; merge_and_unload() or unload() return the plain base model",
-    "active_adapters": _ONE_ADAPTER,
-    "enable_peft_hotswap": _ONE_ADAPTER,
-    "add_weighted_adapter": _ONE_ADAPTER,
+    "enable_peft_hotswap": _MANY + " (no preparation step is needed)",
     "disable_adapters": _DISABLE,
     "enable_adapters": _DISABLE,
     "get_adapter_state_dict": "model.trainable_vectors() gives the trained vectors; model.save_pretrained(dir) writes the adapter",

@@ -202,6 +202,38 @@ def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[s
     return lines
 
 
+def pooling_effect(agg: dict, suite: str = "pooling", against: str = "main") -> dict[tuple, dict]:
+    """(task, method) -> test metric with mean pooling minus with transformers' pooler, paired by
+    seed: the ``pooling`` suite repeats ``main``-suite runs (same rate, data, seed) with mean pooling."""
+    out = {}
+    for key, a in agg.items():
+        if key[0] != suite:
+            continue
+        ref = agg.get((against, *key[1:]))
+        if ref is None:
+            continue
+        old = {r["seed"]: r["test"] for r in ref["runs"]}
+        diffs = [r["test"] - old[r["seed"]] for r in a["runs"] if r["seed"] in old]
+        if diffs:
+            mean, std = _mean_std(diffs)
+            out[(key[1], key[3])] = {"mean": mean, "std": std, "n": len(diffs), "pooler": ref["test"][0],
+                                     "mean_pooling": a["test"][0], "wins": sum(d > 0 for d in diffs)}
+    return out
+
+
+def _pooling_table(agg: dict) -> list[str]:
+    eff = pooling_effect(agg)
+    if not eff:
+        return []
+    lines = ["#### Mean pooling minus the pooler, paired by seed (test metric × 100; the same 64-step runs otherwise)", "",
+             "| task | method | pooler (main suite) | mean pooling | difference | seeds better |", "|---|---|---|---|---|---|"]
+    for (task, method), e in sorted(eff.items(), key=lambda kv: (kv[0][0], _method_key(kv[0][1]))):
+        diff = f"{100 * e['mean']:+.2f}" + (f" ± {100 * e['std']:.2f}" if e["n"] > 1 else "")
+        lines.append(f"| {task} | {LABELS.get(method, method)} | {100 * e['pooler']:.2f} | {100 * e['mean_pooling']:.2f} | "
+                     f"{diff} | {e['wins']}/{e['n']} |")
+    return lines + [""]
+
+
 def strength_spread(strengths: dict[str, float]) -> Optional[dict[str, float]]:
     """Coefficient of variation (std / mean) and max / mean of the per-vector training strengths.
 
@@ -267,6 +299,15 @@ def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
     return path
 
 
+#: Which suite the diagnostic plots (heat-map, spectra) are drawn from, first that has the runs.
+DIAGNOSTIC_SUITES = ("curves", "curves-rates", "main", "ablation")
+
+
+def _suites_by_preference(results: list[dict]) -> list[str]:
+    present = {r["_suite"] for r in results}
+    return [s for s in DIAGNOSTIC_SUITES if s in present] + sorted(present - set(DIAGNOSTIC_SUITES))
+
+
 def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -> Optional[Path]:
     """Heat-maps of the final training strength per vector, with and without AVF (one seed)."""
     import matplotlib
@@ -275,9 +316,13 @@ def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -
     import matplotlib.pyplot as plt
 
     pick = {}
-    for r in sorted(results, key=lambda r: (r["seed"], r["_suite"])):
-        if r["method"] in ("vectorfit", "no_avf") and r.get("training_strengths") and (task is None or r["task"] == task):
-            pick.setdefault(r["method"], r)
+    for suite in _suites_by_preference(results):  # both panels from one suite (same budget and head)
+        pick = {}
+        for r in sorted((r for r in results if r["_suite"] == suite), key=lambda r: r["seed"]):
+            if r["method"] in ("vectorfit", "no_avf") and r.get("training_strengths") and (task is None or r["task"] == task):
+                pick.setdefault(r["method"], r)
+        if len(pick) == 2:
+            break
     if len(pick) < 2:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -313,11 +358,15 @@ def plot_spectra(results: list[dict], out: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pick = {}
-    for r in sorted(results, key=lambda r: (r["seed"], r["_suite"])):
-        if r["method"] in ("vectorfit", "full") and r.get("delta_spectra"):
-            pick.setdefault((r["task"], r["method"]), r)
-    tasks = [t for t in sorted({t for t, _ in pick}) if (t, "vectorfit") in pick and (t, "full") in pick]
+    pick, tasks = {}, []
+    for suite in _suites_by_preference(results):  # VectorFit and full fine-tuning from one suite
+        pick = {}
+        for r in sorted((r for r in results if r["_suite"] == suite), key=lambda r: r["seed"]):
+            if r["method"] in ("vectorfit", "full") and r.get("delta_spectra"):
+                pick.setdefault((r["task"], r["method"]), r)
+        tasks = [t for t in sorted({t for t, _ in pick}) if (t, "vectorfit") in pick and (t, "full") in pick]
+        if tasks:
+            break
     if not tasks:
         return None
     task = tasks[0]
@@ -382,6 +431,8 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
             lines += _paired_table(agg, suite)
         if suite == "main":
             lines += _balance_table(agg, suite)
+        if suite == "pooling":
+            lines += _pooling_table(agg)
         p = plot_params(agg, suite, plots)
         if p:
             lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
