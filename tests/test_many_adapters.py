@@ -194,6 +194,9 @@ def test_add_weighted_adapter_is_the_weighted_sum_of_weight_updates(sigma_param)
         torch.testing.assert_close(t, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="one weight per adapter"):
         vf.add_weighted_adapter(["default", "b"], [1.0], "bad")
+    with pytest.raises(ValueError, match="combination_type='svd' is not supported"):
+        vf.add_weighted_adapter(["default", "b"], [1.0, 1.0], "bad", combination_type="svd")
+    assert vf.adapters == ["default", "b", "mix"]  # a refused combination adds nothing
 
 
 def _padded_bert_batch():
@@ -201,10 +204,11 @@ def _padded_bert_batch():
     return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
-def test_mixed_batch_rows_equal_each_row_run_alone():
-    vf = get_vectorfit_model(make_tiny_bert(0), _config(sigma_param="relative"))
+@pytest.mark.parametrize("variant", ["no_avf", "sigma_attn_bias", "sigma_attn"])  # + bias-only layers; no biases
+def test_mixed_batch_rows_equal_each_row_run_alone(variant):
+    vf = get_vectorfit_model(make_tiny_bert(0), _config(variant=variant, sigma_param="relative"))
     _perturb(vf, 1)
-    vf.add_adapter("b", _config())  # the other parameterisation: both forms in one batch
+    vf.add_adapter("b", _config(variant=variant))  # the other parameterisation: both forms in one batch
     vf.set_adapter("b")
     _perturb(vf, 2)
     batch = _padded_bert_batch()
@@ -224,6 +228,8 @@ def test_mixed_batch_rows_equal_each_row_run_alone():
     assert vf.active_adapter in ("b", "default") and all(layer._rows is None for _, layer in vf.vectorfit_layers())
     with pytest.raises(ValueError, match="unknown adapters"):
         vf(**batch, adapter_names=["b", "x", "b", "b"])
+    with pytest.raises(ValueError, match="2 names for a batch of 4 rows"):
+        vf(**batch, adapter_names=["b", "default"])
     vf.merge()
     with pytest.raises(ValueError, match="unmerge"):
         vf(**batch, adapter_names=names)
@@ -231,12 +237,17 @@ def test_mixed_batch_rows_equal_each_row_run_alone():
 
 def test_mixed_batch_generate_with_kv_cache():
     vf = get_vectorfit_model(make_tiny_gpt2(0), VectorFitConfig(variant="no_avf"))
-    _perturb_lm = lambda seed: [p.data.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * p.abs().mean())
-                                for p in vf.trainable_vectors().values()]
-    _perturb_lm(1)
+
+    @torch.no_grad()
+    def perturb_vectors(seed: int) -> None:  # GPT-2 has no saved head: the vectors only
+        g = torch.Generator().manual_seed(seed)
+        for p in vf.trainable_vectors().values():
+            p.add_(0.3 * torch.randn(p.shape, generator=g) * p.abs().mean())
+
+    perturb_vectors(1)
     vf.add_adapter("b")
     vf.set_adapter("b")
-    _perturb_lm(2)
+    perturb_vectors(2)
     prompts = torch.tensor([[5, 6, 7], [9, 10, 11], [12, 13, 14]])
     names = ["default", "b", "__base__"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
@@ -273,5 +284,27 @@ def test_waiting_adapters_follow_dtype_and_device_moves():
     vf.add_adapter("b")
     waiting = vf._slot_params("b")
     vf.to(torch.float64)
-    assert all(p.dtype == torch.float64 for p in waiting.values())
+    assert all(p.dtype == torch.float64 for p in waiting.values())  # vectors and the waiting head
     assert {k: id(p) for k, p in vf._slot_params("b").items()} == {k: id(p) for k, p in waiting.items()}
+
+
+def test_hotswap_does_not_recompile_a_compiled_model(tmp_path):
+    path_b, logits_b = _saved_adapter(tmp_path, 2, "b")
+    vf = get_vectorfit_model(make_tiny_bert(0), _config())
+    _perturb(vf, 1)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # records each (re)compilation, runs the graph eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(vf, backend=counting_backend)
+    inputs = example_inputs(vf)
+    with torch.no_grad():
+        before = compiled(**inputs).logits
+        n = len(graphs)
+        vf.load_adapter(path_b, "default", hotswap=True)
+        after = compiled(**inputs).logits
+    assert n >= 1 and len(graphs) == n  # no recompilation
+    assert max_rel_diff(before, logits_b) > 1e-2  # the swap changed the outputs...
+    assert max_rel_diff(after, logits_b) < TOL  # ...to the new adapter's

@@ -31,10 +31,12 @@ from torch import nn
 from . import adapter_io, base_check, tasks
 from .avf import AdaptiveVectorFreezing
 from .config import ConfigError, VectorFitConfig
-from .layer import BASE, SVDLinear
+from .layer import BASE
 
 __all__ = ["AdaptersMixin", "ModulesToSaveWrapper", "BASE"]
 
+# The model inputs whose first dimension is the batch (to check one adapter name per row).
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "attention_mask")
 # Fields every adapter of one model must share: they decide which vectors and heads exist.
 _SHARED_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 
@@ -144,8 +146,13 @@ class AdaptersMixin:
         """``{adapter name: its VectorFitConfig}``, as peft's ``PeftModel.peft_config``."""
         return dict(self._adapter_configs)
 
-    def _heads(self) -> list[ModulesToSaveWrapper]:
+    def _head_wrappers(self) -> list[ModulesToSaveWrapper]:
         return [self.base_model.get_submodule(n) for n in self._modules_to_save]
+
+    def _device(self) -> torch.device:
+        """Where the layers' frozen factors live (a bias-only layer keeps its dense weight)."""
+        layer = next(layer for _, layer in self.vectorfit_layers())
+        return (layer.U if layer.train_sigma else layer.weight).device
 
     def _require(self, name: Any) -> str:
         if name not in self._adapter_configs:
@@ -153,18 +160,25 @@ class AdaptersMixin:
         return name
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter: the model then computes with, trains (its vectors
-        become the model's trainable parameters; build the optimizer after this call), saves and
-        merges it. A merged model stays merged, with the new adapter."""
+        """Make an adapter the active one: the model then computes with, trains (its vectors become
+        the model's trainable parameters; build the optimizer after this call), saves and merges it.
+        A merged model stays merged, with the new adapter.
+
+        Args:
+            adapter_name: a loaded adapter (see :attr:`adapters`).
+
+        Raises:
+            ValueError: no adapter has that name.
+        """
         self._require(adapter_name)
         for _, layer in self.vectorfit_layers():
             layer.set_active(adapter_name)
-        for head in self._heads():
+        for head in self._head_wrappers():
             head.set_active(adapter_name)
         self.vectorfit_config = self._adapter_configs[adapter_name]
         avf = self._avfs[adapter_name]
         if avf is not None:
-            avf.to(next(iter(self.vectorfit_layers()))[1].sigma0.device)
+            avf.to(self._device())  # a waiting controller missed the model's .to()
         self.avf = avf
         self._active_name = adapter_name
 
@@ -216,14 +230,20 @@ class AdaptersMixin:
         for _, layer in self.vectorfit_layers():
             for p in layer.add_vectors(name, config.sigma_param).values():
                 p.requires_grad_(trainable)
-        for head in self._heads():
+        for head in self._head_wrappers():
             head.add_head(name).requires_grad_(trainable)
         self._adapter_configs[name] = config
         self._avfs[name] = avf
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter. Deleting the active one activates the first remaining one; the last
-        adapter cannot be deleted (``unload()`` returns the plain base model)."""
+        """Remove an adapter. Deleting the active one activates the first remaining one.
+
+        Args:
+            adapter_name: a loaded adapter.
+
+        Raises:
+            ValueError: no such adapter, or it is the last one (``unload()`` returns the plain base model).
+        """
         self._require(adapter_name)
         if len(self._adapter_configs) == 1:
             raise ValueError(f"{adapter_name!r} is the only adapter; use unload() or merge_and_unload() for the base model")
@@ -231,7 +251,7 @@ class AdaptersMixin:
             self.set_adapter(next(n for n in self._adapter_configs if n != adapter_name))
         for _, layer in self.vectorfit_layers():
             layer.drop_vectors(adapter_name)
-        for head in self._heads():
+        for head in self._head_wrappers():
             head.drop_head(adapter_name)
         del self._adapter_configs[adapter_name], self._avfs[adapter_name]
 
@@ -308,7 +328,7 @@ class AdaptersMixin:
     def _drop_slot(self, name: str) -> None:
         for _, layer in self.vectorfit_layers():
             layer._adapters.pop(name, None)
-        for head in self._heads():
+        for head in self._head_wrappers():
             head._heads.pop(name, None)
         self._adapter_configs.pop(name, None)
         self._avfs.pop(name, None)
@@ -318,7 +338,7 @@ class AdaptersMixin:
         params: dict[str, torch.Tensor] = {}
         for lname, layer in self.vectorfit_layers():
             params.update({f"{lname}.{k}": p for k, p in layer._adapters[name].items()})
-        for hname, head in zip(self._modules_to_save, self._heads()):
+        for hname, head in zip(self._modules_to_save, self._head_wrappers()):
             params.update({f"{hname}.{k}": t for k, t in head._heads[name].state_dict(keep_vars=True).items()})
         return params
 
@@ -327,12 +347,13 @@ class AdaptersMixin:
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
             raise adapter_io.AdapterError(f"adapter tensors do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        bad = next((k for k, p in params.items() if tensors[k].shape != p.shape), None)
+        if bad is not None:  # checked before any copy: a hot swap never leaves an adapter half-written
+            raise adapter_io.AdapterError(f"adapter tensor {bad!r} has shape {tuple(tensors[bad].shape)}, "
+                                          f"the model expects {tuple(params[bad].shape)}")
         with torch.no_grad():
             for key, p in params.items():
-                t = tensors[key]
-                if t.shape != p.shape:
-                    raise adapter_io.AdapterError(f"adapter tensor {key!r} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-                p.copy_(t.to(device=p.device, dtype=p.dtype))
+                p.copy_(tensors[key].to(device=p.device, dtype=p.dtype))
 
     def _views(self, name: str) -> dict[str, Any]:
         """Per layer what ``base_check.check_signatures`` reads, with adapter ``name``'s singular values."""
@@ -365,7 +386,8 @@ class AdaptersMixin:
 
     # ------------------------------------------------------------------ arithmetic
     @torch.no_grad()
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "linear") -> None:
         """A new adapter whose update is the weighted sum of the given adapters' updates, exactly:
         ``s = s0 + sum_j w_j (s_j - s0)`` and ``b = b0 + sum_j w_j (b_j - b0)``; since every adapter shares
         ``U`` and ``Vh``, its weight update is ``sum_j w_j dW_j``. Heads are combined the same way,
@@ -376,10 +398,15 @@ class AdaptersMixin:
             adapters: names of loaded adapters.
             weights: one float per adapter.
             adapter_name: the new adapter's name.
+            combination_type: ``"linear"`` only (peft's other types approximate a sum of LoRA products;
+                here the linear sum is already the exact sum of the weight updates).
         """
         _check_name(adapter_name)
         if adapter_name in self._adapter_configs:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
+        if combination_type != "linear":
+            raise ValueError(f"combination_type={combination_type!r} is not supported: use 'linear', which for VectorFit "
+                             "is exactly the weighted sum of the adapters' weight updates")
         adapters, weights = list(adapters), [float(w) for w in weights]
         if not adapters or len(adapters) != len(weights):
             raise ValueError(f"add_weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
@@ -399,7 +426,7 @@ class AdaptersMixin:
                     new["sigma"].add_(w * (s - layer.sigma0))
                 if "bias" in new:
                     new["bias"].add_(w * (b - layer.bias0))
-        for head in self._heads():
+        for head in self._head_wrappers():
             original = head.original_module.state_dict()
             target = head._heads[adapter_name].state_dict(keep_vars=True)
             for key, t in target.items():
@@ -414,9 +441,14 @@ class AdaptersMixin:
 
     # ------------------------------------------------------------------ mixed batches
     @contextlib.contextmanager
-    def _mixed(self, adapter_names: Sequence[str]) -> Iterator[None]:
+    def _mixed(self, adapter_names: Sequence[str], args: tuple = (), kwargs: Optional[dict] = None) -> Iterator[None]:
+        """Inside, every layer and head computes row ``i`` with adapter ``adapter_names[i]``."""
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise ValueError("adapter_names must be a list with one adapter name (or '__base__') per row of the batch")
+        inputs = [*args, *[(kwargs or {}).get(k) for k in _BATCH_INPUTS]]
+        first = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if first is not None and first.shape[0] != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {first.shape[0]} rows: give one per row")
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self._adapter_configs})
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters {unknown}; loaded: {self.adapters} (and {BASE!r} for the base)")
@@ -424,9 +456,8 @@ class AdaptersMixin:
         if any(layer.merged for layer in layers):
             raise ValueError("mixed-adapter batches need the unmerged model: call model.unmerge() first")
         names = list(dict.fromkeys(adapter_names))
-        device = layers[0].sigma0.device if layers[0].train_sigma else layers[0].weight.device
-        rows = (names, torch.tensor([names.index(n) for n in adapter_names], device=device))
-        modules = [*layers, *self._heads()]
+        rows = (names, torch.tensor([names.index(n) for n in adapter_names], device=self._device()))
+        modules = [*layers, *self._head_wrappers()]
         for m in modules:
             m.__dict__["_rows"] = rows
         try:
@@ -436,11 +467,20 @@ class AdaptersMixin:
                 m.__dict__["_rows"] = None
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        """The base model's ``generate``; ``adapter_names`` (one per prompt) runs each prompt with its adapter."""
+        """The base model's ``generate``.
+
+        Args:
+            adapter_names: one adapter name (or ``"__base__"``) per prompt: each prompt is generated with
+                its adapter, all in the same batch (beams and ``num_return_sequences`` follow their prompt).
+            args, kwargs: passed to the base model's ``generate``.
+
+        Returns:
+            What the base model's ``generate`` returns.
+        """
         gen = getattr(self.base_model, "generate", None)
         if gen is None:
             raise AttributeError(f"{type(self.base_model).__name__} has no generate()")
         if adapter_names is None:
             return gen(*args, **kwargs)
-        with self._mixed(adapter_names):
+        with self._mixed(adapter_names, args, kwargs):
             return gen(*args, **kwargs)

@@ -375,6 +375,10 @@ def svd_linear(
         b: bias (float32, ``d_out``) or ``None``.
         owner: an object (the layer) that may hold a cached dense weight for no-grad calls.
     """
+    if owner is not None and torch.compiler.is_compiling():
+        # Under torch.compile the graph is the optimisation; the value-matched caches (storage
+        # pointers, a comparison of s) would only add guards and recompile whenever s changes.
+        owner = None
     policy = _policy()
     dtype = _compute_dtype(x, U.dtype)
     if policy == "reference" or dtype is None:

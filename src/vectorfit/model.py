@@ -158,7 +158,7 @@ class VectorFitModel(AdaptersMixin, UnsupportedMethodsMixin, nn.Module):
         row) runs each row with its own adapter in the same pass."""
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self._mixed(adapter_names):
+        with self._mixed(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
