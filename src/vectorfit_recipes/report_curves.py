@@ -144,7 +144,7 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                                       len(vals)) if ok else "")
                 reach = first_step_within(g, split=split)
                 if g.get("partial_at"):
-                    mark += f" (still training: {len(g['partial_at'])} run(s) stopped at step {max(g['partial_at'])})"
+                    mark += f" (unfinished: {len(g['partial_at'])} run(s), at step {max(g['partial_at'])} so far)"
                 lines.append(f"| {_label(k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
                              + f" | {reach if reach is not None else ''} |")
             lines.append("")
