@@ -210,3 +210,31 @@ def test_suite_options_are_runs_of_their_own_and_share_the_plain_one():
     assert len(movie0) == 3 and len({r.settings_hash() for r in movie0}) == 3
     plain = [r for r in movie0 if "sigma_param" not in dict(r.settings) and "bias_lr_scale" not in dict(r.settings)]
     assert plain and plain[0] in set(bench.runs_of("curves-rates"))  # computed once for both suites
+
+
+def test_report_shows_unfinished_curves_once_under_the_first_suite_that_runs_them(tmp_path, monkeypatch):
+    """A run shared by two suites that has only a .partial curve is listed under the first suite of
+    the report's order, marked unfinished, and not repeated under the second."""
+    from vectorfit_recipes import report
+
+    settings = {"max_steps": 8, "eval_steps": "2,4,8", "pooling": "mean"}
+    shared = {"tasks": ["movie"], "models": ["minilm"], "methods": ["lora_r1"], "seeds": [0],
+              "lrs": {"lora_r1": [0.001]}, "settings": settings}
+    finished = {"tasks": ["movie"], "models": ["minilm"], "methods": ["bitfit"], "seeds": [0], "settings": settings}
+    monkeypatch.setattr(bench, "suites", lambda: {"curves-rates": shared, "curves": shared, "main": finished})
+    run_ = bench.runs_of("curves-rates")[0]
+    part = Path(f"{run_.path(tmp_path)}.partial")
+    part.parent.mkdir(parents=True)
+    curve = [{"step": 2, "epoch": 0.1, "train_loss": 0.6, "validation": 0.6, "test": 0.55},
+             {"step": 4, "epoch": 0.2, "train_loss": 0.5, "validation": 0.7, "test": 0.65}]
+    part.write_text(json.dumps({"partial": True, "task": "movie", "model": "minilm", "method": "lora_r1", "seed": 0,
+                                "lr": 0.001, "metric": "accuracy", "curve": curve, "config": {"pooling": "mean"}}))
+    done = bench.runs_of("main")[0]
+    done.path(tmp_path).parent.mkdir(parents=True)
+    done.path(tmp_path).write_text(json.dumps({
+        "task": "movie", "model": "minilm", "method": "bitfit", "seed": 0, "lr": done.lr, "metric": "accuracy",
+        "test": 0.7, "validation": 0.7, "trainable_params": 5, "total_params": 10, "train_seconds": 1.0,
+        "config": {"epochs": 1}}))
+    text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
+    assert "## Suite `curves-rates`" in text and "## Suite `curves`" not in text
+    assert "| LoRA r=1 (unfinished: 1 run(s), at step 4 so far) | 0.001 | 1 | 60.00 (n=1) | 70.00 (n=1) | 4 |" in text

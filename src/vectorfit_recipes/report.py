@@ -411,7 +411,12 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     order = ("curves-rates", "curves", "recipe", "pooling", "main", "ablation", "sweep", "smoke")
     suites: list[str] = []
     shown: set = set()  # a suite whose only runs are unfinished runs of a suite above is not repeated
+    from .bench import suites as known_suites
+
+    known = set(known_suites())
     for name in suite_names or order:
+        if name not in known:
+            continue
         partial = {(p["task"], p["method"], p["lr"], p["seed"], json.dumps(p["config"], sort_keys=True))
                    for p in load_partials(results_dir, name)}
         if any(k[0] == name for k in agg) or (partial - shown):
