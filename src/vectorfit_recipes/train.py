@@ -320,14 +320,13 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
         return evaluate(model, split, metric, cfg.eval_batch_size, device, cfg.progress, desc)
 
     def keep() -> None:
+        """Write the checkpoint; the optimisation time so far goes into it and the clock restarts
+        after the write (writing is not training)."""
+        nonlocal t_train, eval_s
         if ckpt is not None:
             st.train_seconds += time.perf_counter() - t_train - eval_s
             ckpt_mod.save(ckpt, cfg, st, model, optimizer, gen)
-            mark()
-
-    def mark() -> None:  # restart the optimisation clock after a checkpoint (its time is counted)
-        nonlocal t_train, eval_s
-        t_train, eval_s = time.perf_counter(), 0.0
+            t_train, eval_s = time.perf_counter(), 0.0
 
     model.train()
     eval_s, t_train = 0.0, time.perf_counter()
