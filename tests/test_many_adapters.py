@@ -110,7 +110,8 @@ def test_training_one_adapter_leaves_the_others_untouched():
     assert vf.avf is None  # default is no_avf: each adapter keeps its own controller
 
 
-def test_save_active_and_selected_adapters(tmp_path):
+def _two_trained_adapters():
+    """A model with adapters "default" and "b" moved apart, "default" active, and each one's logits."""
     vf = get_vectorfit_model(make_tiny_bert(0), _config())
     _perturb(vf, 1)
     vf.add_adapter("b")
@@ -120,6 +121,11 @@ def test_save_active_and_selected_adapters(tmp_path):
     logits_b = logits_of(vf, inputs)
     vf.set_adapter("default")
     logits_default = logits_of(vf, inputs)
+    return vf, inputs, logits_default, logits_b
+
+
+def test_save_active_and_selected_adapters(tmp_path):
+    vf, inputs, logits_default, logits_b = _two_trained_adapters()
     vf.save_pretrained(tmp_path / "active")
     vf.save_pretrained(tmp_path / "both", selected_adapters=["default", "b"])
     assert vf.active_adapter == "default"  # saving another adapter switches back
@@ -143,15 +149,7 @@ def test_delete_adapter():
 
 def test_merge_unmerge_disable_with_several_adapters():
     reference = make_tiny_bert(0)
-    vf = get_vectorfit_model(make_tiny_bert(0), _config())
-    _perturb(vf, 1)
-    vf.add_adapter("b")
-    vf.set_adapter("b")
-    _perturb(vf, 2)
-    inputs = example_inputs(vf)
-    logits_b = logits_of(vf, inputs)
-    vf.set_adapter("default")
-    logits_default = logits_of(vf, inputs)
+    vf, inputs, logits_default, logits_b = _two_trained_adapters()
     vf.merge()
     assert max_rel_diff(logits_of(vf, inputs), logits_default) < TOL
     vf.set_adapter("b")  # a merged model stays merged, with the new adapter
