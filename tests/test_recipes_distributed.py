@@ -66,3 +66,28 @@ def test_two_processes_equal_one_process(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "result.json"]
     assert proc.stdout.count("test accuracy after fine-tuning") == 1
     assert proc.stdout.count("adapter saved to") == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_data_parallel(tmp_path):
+    """``accelerate launch -m vectorfit train`` on the CPU. accelerate's ``--cpu`` flag starts ONE
+    process (several only through mpirun); ``--multi_gpu`` is its torchrun launcher, which on a
+    machine without GPUs starts CPU processes with torchrun's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT), which the recipe reads. The numbers are the torchrun test's
+    business (same code path); this checks that the launcher starts a 2-process gloo run of the
+    real command, with dropout, in which only rank 0 evaluates and writes."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "acc"
+    small = dict(max_train_examples=16, max_eval_examples=8, batch_size=8, eval_batch_size=8, max_len=16,
+                 epochs=2, avf_k=2, threads=1, progress=False)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "vectorfit", "train", *_flags(small), "--output", str(out / "result.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", VECTORFIT_PROGRESS="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == 4
+    assert "data parallel over 2 processes (gloo)" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["result.json"]
+    assert proc.stdout.count("test accuracy after fine-tuning") == 1

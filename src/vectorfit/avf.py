@@ -30,8 +30,25 @@ from .config import AVFConfig, ConfigError
 
 
 def training_strength(layer: nn.Module, attr: str) -> Tensor:
-    """``mean(|v_0 - v_t|)`` of the vector ``getattr(layer, attr)`` (paper eq. for S_v), float32."""
-    v, v0 = getattr(layer, attr), getattr(layer, attr + "0")
+    """``mean(|v_0 - v_t|)`` of the vector ``getattr(layer, attr)`` (paper eq. for S_v), float32.
+
+    Under FSDP2 (``fully_shard``) the trained parameter is a sharded ``DTensor``: every rank then
+    all-gathers the whole vector (a collective; vectors are tiny) and computes the strength from it
+    as one process would, so all ranks get the same value and take the same freezing decision."""
+    trained = layer.trained_attr(attr) if hasattr(layer, "trained_attr") else attr
+    p, v0 = getattr(layer, trained), getattr(layer, attr + "0")
+    if hasattr(p, "full_tensor"):  # DTensor (torch.distributed.tensor)
+        full = p.detach().full_tensor()
+        v = v0 * (1.0 + full) if trained != attr else full  # relative form: sigma = sigma0 * (1 + delta)
+    elif p.shape != v0.shape:
+        raise AVFError(
+            f"AVF cannot read the trained vector {trained!r} of a {type(layer).__name__}: it has shape {tuple(p.shape)}, "
+            f"not {tuple(v0.shape)}. FSDP1 (FullyShardedDataParallel) leaves each rank only its slice of a flat "
+            "parameter (DeepSpeed ZeRO-3 an empty placeholder); use FSDP2 (torch.distributed.fsdp.fully_shard), DDP, "
+            "or one process"
+        )
+    else:
+        v = getattr(layer, attr)
     return (v.detach().float() - v0.float()).abs().mean()
 
 

@@ -24,6 +24,26 @@ list as ``_ddp_params_and_buffers_to_ignore``, the attribute DDP reads at constr
 state buffers stay synced. A model built before the process group existed (each rank decomposed on
 its own) hides nothing: DDP's initial sync then copies rank 0's factors to the other ranks, and its
 per-forward broadcast keeps them so, as it would for any model.
+
+FSDP (PyTorch's FSDP2, ``torch.distributed.fsdp.fully_shard``; tested on CPU with gloo): the trained
+vectors and heads are parameters, so FSDP shards them and reduce-scatters their gradients like any
+other; the optimizer steps on the shards. AVF reads whole vectors: on a sharded parameter it
+all-gathers the vector on every rank (``avf.training_strength``; vectors are tiny), so every rank
+computes the one-process strengths and takes the same decision; a frozen vector's sharded gradient
+is dropped on every rank. Two things FSDP does not do by itself:
+
+* FSDP shards parameters, not buffers, and a VectorFit layer's frozen ``U``/``Vh`` (most of its
+  memory) are buffers. :func:`prepare_fsdp` re-registers them (and a bias-only layer's frozen dense
+  weight) as frozen parameters (``requires_grad=False``) before ``fully_shard``, so FSDP shards them
+  and all-gathers them for each forward/backward, as it does a LoRA model's frozen base weights. They
+  stay out of ``state_dict`` as before. Without it everything still trains, with the factors
+  replicated on every rank.
+* ``save_pretrained`` reads whole tensors. :func:`full_parameters` gathers every sharded parameter on
+  every rank for the duration of a ``with`` block (a collective: enter it on every rank); inside it,
+  rank 0 saves (``if dist.get_rank() == 0: model.save_pretrained(path)``).
+
+FSDP1 (``FullyShardedDataParallel``, flat parameters) is not supported: outside its forward a rank
+holds only its slice of a flat buffer, which neither AVF nor saving can read.
 """
 
 from __future__ import annotations
@@ -31,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,6 +69,8 @@ __all__ = [
     "decompose",
     "ddp_ignored_buffer_names",
     "counts",
+    "prepare_fsdp",
+    "full_parameters",
 ]
 
 
@@ -228,3 +250,97 @@ def ddp_ignored_buffer_names(model: nn.Module) -> list[str]:
         if isinstance(module, SVDLinear):
             names += [f"{prefix}.{b}" if prefix else b for b, _ in module.named_buffers(recurse=False)]
     return names
+
+
+#: Frozen tensors of a VectorFit layer that :func:`prepare_fsdp` turns into frozen parameters.
+_FSDP_FROZEN = ("U", "Vh", "weight")
+
+
+def _keep_out_of_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    # They were non-persistent buffers: checkpoints hold only what training changes.
+    for name in _FSDP_FROZEN:
+        state_dict.pop(prefix + name, None)
+
+
+def _fill_from_self(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    # A checkpoint without them (every checkpoint, see above) loads strictly: they keep their values.
+    for name in _FSDP_FROZEN:
+        if module._parameters.get(name) is not None:
+            state_dict.setdefault(prefix + name, module._parameters[name])
+
+
+def prepare_fsdp(model: nn.Module) -> nn.Module:
+    """Let FSDP2's ``fully_shard`` shard the frozen factors of every VectorFit layer of ``model``.
+
+    ``U`` and ``Vh`` (and the frozen dense weight of a bias-only layer) are buffers, which FSDP
+    leaves whole on every rank; this re-registers them as parameters with ``requires_grad=False``
+    (same tensors, same names, still frozen and still out of ``state_dict``), which FSDP shards and
+    all-gathers for each forward/backward. Call it before ``fully_shard``, and apply ``fully_shard``
+    per block (e.g. per transformer layer) and then to the whole model; optional (without it the
+    factors are replicated). Idempotent.
+
+    Args:
+        model: a ``VectorFitModel`` (or any module holding ``SVDLinear`` layers), not merged.
+
+    Returns:
+        ``model``, modified in place.
+
+    Raises:
+        ValueError: a layer is merged (``merge()``): unmerge first.
+    """
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SVDLinear):
+            continue
+        if layer.merged:
+            raise ValueError(f"prepare_fsdp: layer {name!r} is merged; call model.unmerge() before sharding")
+        moved = False
+        for attr in _FSDP_FROZEN:
+            t = layer._buffers.get(attr)
+            if t is not None:
+                del layer._buffers[attr]
+                layer.register_parameter(attr, nn.Parameter(t, requires_grad=False))
+                moved = True
+        if moved and not layer.__dict__.get("_vf_fsdp_hooks"):
+            layer.register_state_dict_post_hook(_keep_out_of_state_dict)
+            layer.register_load_state_dict_pre_hook(_fill_from_self)
+            layer.__dict__["_vf_fsdp_hooks"] = True
+    return model
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every parameter FSDP2 has sharded is whole (a plain tensor) on every rank:
+    ``save_pretrained`` and ``trainable_vectors()`` then read whole tensors as without FSDP (tested).
+    On exit the sharded parameters are put back, unchanged.
+
+    A collective: every rank must enter it (and only rank 0 should write)::
+
+        with vectorfit.distributed.full_parameters(model):
+            if torch.distributed.get_rank() == 0:
+                model.save_pretrained("adapter")
+
+    It holds the whole model's parameters on every rank for the duration (like FSDP's full state
+    dict); do not run forward passes or optimizer steps inside it. Without sharded parameters it
+    does nothing.
+
+    Args:
+        model: the model after ``fully_shard``.
+
+    Yields:
+        ``model``.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    whole: dict[int, nn.Parameter] = {}  # a parameter shared by two modules (tied) stays shared
+    try:
+        # The module order is the same on every rank, so the all-gathers pair up.
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and hasattr(p, "full_tensor"):  # DTensor
+                    if id(p) not in whole:
+                        whole[id(p)] = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                    module._parameters[name] = whole[id(p)]
+                    swapped.append((module, name, p))
+        yield model
+    finally:
+        for module, name, p in reversed(swapped):
+            module._parameters[name] = p

@@ -1,4 +1,6 @@
-"""``vectorfit train`` under a launcher (``torchrun``, ``python -m torch.distributed.run``): data parallel.
+"""``vectorfit train`` under a launcher (``torchrun``, ``python -m torch.distributed.run``,
+``accelerate launch --multi_gpu``, which is torchrun underneath and also starts CPU processes; its
+``--cpu`` starts one process): data parallel.
 
 What a run with N processes does, and why:
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["launched", "active", "is_main", "rank", "world_size", "session", "decorrelate_dropout",
            "forward_backward", "annotate"]
