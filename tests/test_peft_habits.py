@@ -95,6 +95,16 @@ def test_task_type_round_trips_through_an_adapter(tmp_path):
     assert_close_rel(logits_of(loaded, x), logits_of(vf, x), rtol=1e-6)
 
 
+def test_save_pretrained_writes_only_on_the_main_process(tmp_path):
+    """peft's ``is_main_process``: every rank may call it, only the one with True writes."""
+    vf = get_vectorfit_model(make_tiny_bert(0), VectorFitConfig(task_type="SEQ_CLS"))
+    vf.save_pretrained(tmp_path / "other", is_main_process=False)
+    vf.save_pretrained(tmp_path / "other", selected_adapters=["default"], is_main_process=False)
+    assert not (tmp_path / "other").exists()
+    vf.save_pretrained(tmp_path / "main", is_main_process=True)
+    assert (tmp_path / "main" / "adapter_config.json").is_file()
+
+
 # ---------------------------------------------------------------------- new head left frozen
 def _pretrained_bert_without_head(tmp_path):
     _seeded(T.BertModel, _bert_config()).save_pretrained(tmp_path / "base")

@@ -364,7 +364,8 @@ class AdaptersMixin:
                 out[lname] = SimpleNamespace(U=layer.U, Vh=layer.Vh, sigma=s.detach())
         return out
 
-    def save_pretrained(self, save_directory: Union[str, Path], selected_adapters: Optional[Sequence[str]] = None, **_: Any) -> None:
+    def save_pretrained(self, save_directory: Union[str, Path], selected_adapters: Optional[Sequence[str]] = None,
+                        is_main_process: bool = True, **_: Any) -> None:
         """Write the active adapter into ``save_directory`` (``adapter_config.json`` +
         ``adapter_model.safetensors``, atomically).
 
@@ -372,7 +373,11 @@ class AdaptersMixin:
             save_directory: the folder.
             selected_adapters: save these adapters instead, peft's layout: ``"default"`` into
                 ``save_directory`` itself, every other one into ``save_directory/<name>``.
+            is_main_process: as in peft: ``False`` writes nothing (call it on every rank with
+                ``is_main_process=rank == 0``; under FSDP2 inside ``vectorfit.distributed.full_parameters``).
         """
+        if not is_main_process:
+            return
         if selected_adapters is None:
             self._save_active(save_directory)
             return
