@@ -26,6 +26,7 @@ Usage::
     python benchmarks/speed.py --configs 1,4 --quick
     python benchmarks/speed.py --layers             # per-layer timings behind the path selector
     python benchmarks/speed.py --profile --configs 1  # per-op time and GEMM multiply-adds per method
+    python benchmarks/speed.py --configs 3 --memory-only  # peak memory (+ exact saved-for-backward) only
     VECTORFIT_LAYER_PATH=reference python benchmarks/speed.py ...   # the straightforward layer
 
 Writes ``benchmarks/speed/<config>.json`` (``--out`` to change) with the exact command, versions and
@@ -437,14 +438,37 @@ def _memory_child(spec: str) -> None:
     for _ in range(int(steps)):
         run.step(batch, cfg["autocast"])
     hwm_train = _status_kb("VmHWM")
+    saved_mb = _saved_for_backward_mb(run, batch, cfg["autocast"])  # after the peak was read
     print(json.dumps({
         "peak_mb": (max(hwm_setup, hwm_train) - rss0) / 1024,
         "train_peak_mb": (hwm_train - rss0) / 1024,
         "setup_peak_mb": (hwm_setup - rss0) / 1024,
         "after_setup_mb": (rss_setup - rss0) / 1024,
         "train_peak_over_setup_mb": (hwm_train - rss_setup) / 1024,
+        "saved_for_backward_mb": saved_mb,
         "steps": int(steps),
     }))
+
+
+def _saved_for_backward_mb(run: "Run", batch: dict, autocast: bool) -> float:
+    """What autograd keeps between one training forward and its backward: the distinct storages of
+    the saved tensors, less the model's own parameters and buffers (an exact count, not RSS)."""
+    from vectorfit import low_memory
+
+    own = {t.untyped_storage().data_ptr() for t in list(run.model.parameters()) + list(run.model.buffers())}
+    seen: dict = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in own:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), low_memory(run.low_memory), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = run.model(**batch).loss
+    del loss
+    return sum(seen.values()) / 2 ** 20
 
 
 # ================================================================================ one configuration
@@ -472,6 +496,11 @@ def run_config(key: str, args: argparse.Namespace) -> dict:
             mem[m] = measure_memory(key, m, args.memory_steps)
             print(f"  memory {m:10s} {mem[m].get('peak_mb', float('nan')):9.1f} MB peak", flush=True)
     result["memory"] = mem
+    if args.memory_only:
+        result["loadavg_start"], result["loadavg_end"] = load0, loadavg()
+        result["wall_s"] = time.time() - t_start
+        result["ratios"] = ratios(result)
+        return result
 
     setup = measure_setup(base, setup_reps) if not args.no_setup else {}
     if setup:
@@ -525,6 +554,13 @@ def ratios(res: dict) -> dict:
 def print_table(res: dict) -> None:
     st, mem = res.get("step", {}), res.get("memory", {})
     print(f"\n{res['name']}  (loadavg start {res['loadavg_start']}, end {res['loadavg_end']})")
+    if not st:  # --memory-only
+        print(f"{'method':16s} {'peak MB':>8s} {'/lora':>6s} {'after setup':>11s} {'saved for bwd':>13s}")
+        for m, v in mem.items():
+            r = res["ratios"].get(f"peak_mem_{m}_over_lora")
+            print(f"{m:16s} {v.get('peak_mb', float('nan')):8.1f} {r if r else float('nan'):6.3f} "
+                  f"{v.get('after_setup_mb', float('nan')):11.1f} {v.get('saved_for_backward_mb', float('nan')):13.1f}")
+        return
     print(f"{'method':16s} {'train ms':>9s} {'/lora':>6s} {'/full':>6s} {'eval ms':>9s} {'/lora':>6s} {'/full':>6s} {'peak MB':>8s} {'/lora':>6s} {'trainable':>10s}")
     for m in st:
         row = [f"{m:16s}"]
@@ -686,6 +722,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-setup", action="store_true")
     p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--memory-only", action="store_true",
+                   help="peak memory only (each method in a fresh process): no setup, step or inference timing")
     p.add_argument("--layers", action="store_true", help="per-layer path timings instead of the model configs")
     p.add_argument("--profile", action="store_true",
                    help="where the time goes: per-op CPU time and GEMM multiply-adds per method (torch profiler)")

@@ -16,7 +16,9 @@ Two exact ways to compute the layer and its gradients
                    ds = sum_n P * h                 N r        (one fused pass, no N x r temporary
                                                                 beyond P)
         saved:     h (N x r) -- not x. For an MLP down-projection (a = 4c) that is 4x less than
-                   what LoRA or a dense weight gradient keeps (x itself).
+                   what LoRA or a dense weight gradient keeps (x itself). In low-memory mode: x
+                   instead, when that costs no more memory (see below), and h is recomputed in
+                   the backward (N r a more MACs).
 
 (b) dense -- rebuilds ``W = U diag(s) Vh`` once per forward::
 
@@ -56,16 +58,29 @@ validate it (``benchmarks/speed.py --layers``).
 
 Low-memory mode (:func:`low_memory`, or ``VECTORFIT_LOW_MEMORY=1``), off by default
 ---------------------------------------------------------------------------------------
-Saving ``W`` for the backward keeps one weight-sized buffer per dense-path layer alive from the
-forward to the backward pass: d^2 floats against the N d of the input it multiplies, i.e. a
-fraction d / N of that layer's activation memory. Rebuilding ``W`` in the backward instead costs
-r c a MACs, a fraction d / (3 N) of the layer's training work. Both ratios grow with d / N, so no
-shape tells which one a user would rather pay; the default keeps ``W`` (speed) and low-memory mode
-rebuilds it. Low-memory mode also prefers the dense path when the two MAC counts are within 5%
-(``LOW_MEMORY_DENSE_BIAS``; in practice only square layers come that close): the dense path keeps
-its input ``x``, which q, k and v share, where the factorised path keeps its own N x r projection
-per layer. The measured
-trade (memory saved, time paid) is in ``benchmarks/SPEED.md``.
+It trades multiply-adds for activation memory in two ways; the numbers stay the same (the
+recomputed tensors are computed by the same operations as in the forward pass).
+
+1. The dense path does not keep ``W``. Saving it keeps one weight-sized buffer per dense-path
+   layer alive from the forward to the backward pass: d^2 floats against the N d of the input it
+   multiplies, i.e. a fraction d / N of that layer's activation memory. Rebuilding ``W`` in the
+   backward instead costs r c a MACs, a fraction d / (3 N) of the layer's training work.
+2. A layer keeps its input ``x`` for ``ds`` rather than ``h = Vh x`` (N x r, a tensor nobody else
+   keeps) when that costs no more memory: when ``r == a`` (``x`` is no larger than ``h``: square
+   and widening layers), or when an earlier VectorFit layer of the same forward pass already keeps
+   this very tensor (k, v after q; up after gate: then it is free). The input is often kept anyway
+   -- shared by q, k, v or by gate, up, or kept by the attention kernel (the o-projection's input
+   is the saved output of ``scaled_dot_product_attention``) -- while ``h`` never is. The factorised
+   path then recomputes ``h`` in the backward (N r a MACs), unless the dense path (which keeps
+   ``x`` as well) costs fewer MACs; :func:`choose_path` counts the recomputation.
+   Measured on SmolLM2 (decoder-only, N = 1024): 180 MB less kept for the backward, peak memory
+   1.146 -> 1.045 of LoRA r=1's, for ~10% more GEMM multiply-adds. Where the input is private
+   and ``r == a`` (a BERT-style intermediate projection) the memory is the same and the
+   recomputation is paid for nothing.
+
+Both trades grow with d / N (1) or are a fixed fraction of the layer's work (2), so no shape tells
+which one a user would rather pay; the default keeps ``W`` and ``h`` (speed). The measured trade
+(memory saved, time paid) is in ``benchmarks/SPEED.md``.
 
 Not done: fusing q, k, v (they share their input) into one call. Measured on the minilm shape
 (N = 2048, three 384x384 dense layers, fwd+bwd): 68.9 ms separately vs 66.7 ms fused (-3%, within
@@ -83,6 +98,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -116,10 +133,11 @@ PATHS = ("auto", "factorised", "dense", "reference")
 #: The plain MAC model predicts the measured ratio within ~3%, so no correction is applied.
 DENSE_BIAS = 1.0
 
-#: In low-memory mode the dense path wins near-ties (within 5% MACs) for its smaller saved state:
-#: BERT-base attention at N = 2048 (dense 4.125 vs factorised 4 N d^2 with the rebuild) goes dense,
-#: SmolLM2's at N = 1024 (4.69 vs 4) stays factorised.
-LOW_MEMORY_DENSE_BIAS = 0.95
+#: Multiplier on the dense path's MAC count in low-memory mode. It was 0.95 (near-ties went to the
+#: dense path, which keeps the shared input ``x`` where the factorised path kept ``h = Vh x``); since
+#: the factorised path keeps ``x`` too in low-memory mode whenever that is no larger (see
+#: :func:`svd_linear`), both paths keep the same thing there and the plain MAC count decides.
+LOW_MEMORY_DENSE_BIAS = 1.0
 
 _forced: Optional[str] = None
 _low_memory: Optional[bool] = None
@@ -176,7 +194,14 @@ def low_memory(enabled: bool = True) -> Iterator[None]:
 
 
 def choose_path(
-    n: int, d_in: int, d_out: int, rank: int, need_x: bool, need_s: bool, low_mem: Optional[bool] = None
+    n: int,
+    d_in: int,
+    d_out: int,
+    rank: int,
+    need_x: bool,
+    need_s: bool,
+    low_mem: Optional[bool] = None,
+    keep_input: Optional[bool] = None,
 ) -> str:
     """``"factorised"`` or ``"dense"`` for one training call (see the module docstring).
 
@@ -184,6 +209,9 @@ def choose_path(
         n: tokens in the call; d_in, d_out, rank: the layer's shape.
         need_x, need_s: whether the input and the singular values need gradients.
         low_mem: low-memory mode; ``None`` reads the current setting.
+        keep_input: whether the call must keep its input ``x`` rather than ``h = Vh x`` for the
+            backward (low-memory mode only; the factorised path then recomputes ``h``, ``N r a``
+            more MACs). ``None``: low-memory mode and ``rank == d_in`` (``x`` no larger than ``h``).
 
     Returns:
         The path with fewer multiply-adds (weighted by ``DENSE_BIAS``, or by
@@ -191,6 +219,8 @@ def choose_path(
     """
     low_mem = low_memory_enabled() if low_mem is None else low_mem
     a, c, r = d_in, d_out, rank
+    if keep_input is None:
+        keep_input = low_mem and r == a
     fact = n * r * (a + c)  # forward
     dense = r * c * a + n * a * c
     if need_x or need_s:
@@ -199,7 +229,7 @@ def choose_path(
         fact += n * r * a
         dense += n * c * a + (r * c * a if low_mem else 0)  # dx = G W (W rebuilt in low-memory mode)
     if need_s:
-        fact += n * r  # the elementwise pass, small
+        fact += n * r + (n * r * a if low_mem and keep_input else 0)  # elementwise pass; recomputed h
         dense += n * c * a + r * c * a
     return "dense" if dense * (LOW_MEMORY_DENSE_BIAS if low_mem else DENSE_BIAS) < fact else "factorised"
 
@@ -211,7 +241,7 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 class _Factorised(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x2d: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optional[Tensor], keep_input: bool) -> Tensor:  # type: ignore[override]
         dt = U.dtype
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         x2d = _cast(x2d, dt)
@@ -219,14 +249,18 @@ class _Factorised(torch.autograd.Function):
         h = x2d @ Vh.t()
         Us = U * sc  # c x r, cheap; keeps the N x r activation free of an elementwise pass
         y = torch.addmm(b.to(dt), h, Us.t()) if b is not None else h @ Us.t()
-        ctx.save_for_backward(h if need_s else None, U, Vh, sc if need_x else None)
+        # ds needs h = x Vh^T: keep h (default), or keep x and recompute h in the backward
+        # (keep_input: low-memory mode, where x is kept anyway or is no larger than h).
+        ctx.keep_input = keep_input and need_s
+        kept = (x2d if ctx.keep_input else h) if need_s else None
+        ctx.save_for_backward(kept, U, Vh, sc if need_x else None)
         ctx.has_b = b is not None
         return y
 
     @staticmethod
     def backward(ctx, G: Tensor):  # type: ignore[override]
-        h, U, Vh, sc = ctx.saved_tensors
-        need_x, _, _, need_s, need_b = ctx.needs_input_grad
+        kept, U, Vh, sc = ctx.saved_tensors
+        need_x, _, _, need_s, need_b, _ = ctx.needs_input_grad
         G = _cast(G, U.dtype)
         dx = ds = db = None
         if need_x or need_s:
@@ -234,10 +268,11 @@ class _Factorised(torch.autograd.Function):
             if need_x:
                 dx = P @ (Vh * sc[:, None])
             if need_s:
+                h = kept @ Vh.t() if ctx.keep_input else kept  # the forward's h, kept or recomputed
                 ds = _colsum_product(P, h)
         if need_b and ctx.has_b:
             db = G.sum(0, dtype=torch.float32)
-        return dx, None, None, ds, db
+        return dx, None, None, ds, db, None
 
 
 class _Dense(torch.autograd.Function):
@@ -413,11 +448,38 @@ def svd_linear(
         drop_cache(owner)
     U, Vh = _cast_factors(owner, U, Vh, dtype)  # autocast: cast like F.linear would (kept, see there)
     low_mem = low_memory_enabled()  # read once: the path choice and what _Dense keeps must agree
+    need_s = s.requires_grad
+    # Low-memory mode keeps x instead of h = Vh x for ds when that is no larger (r == a) or when x is
+    # kept anyway by an earlier VectorFit layer of this forward pass (q -> k, v; gate -> up).
+    # (Under torch.compile only the shape rule applies: no storage pointers, no Python-side state.)
+    shareable = (low_mem and need_s and x.dtype == dtype and not torch.compiler.is_compiling()
+                 and x2d.data_ptr() == x.data_ptr())  # x itself, not a cast or reshaped copy
+    keep_input = low_mem and need_s and (r == a or (shareable and _kept_by_earlier_layer(x)))
     if policy == "auto":
-        policy = choose_path(n, a, c, r, x.requires_grad, s.requires_grad, low_mem)
+        policy = choose_path(n, a, c, r, x.requires_grad, need_s, low_mem, keep_input)
     with torch.autocast(dev, enabled=False):
-        y = _Dense.apply(x2d, U, Vh, s, b, low_mem) if policy == "dense" else _Factorised.apply(x2d, U, Vh, s, b)
+        if policy == "dense":
+            y = _Dense.apply(x2d, U, Vh, s, b, low_mem)
+        else:
+            y = _Factorised.apply(x2d, U, Vh, s, b, keep_input)
+    if shareable and (policy == "dense" or keep_input):
+        _note_kept_input(x)
     return y.reshape(*lead, c)
+
+
+# Low-memory mode: the last input a VectorFit layer kept for its backward (x itself, not a copy),
+# so that the next layer reading the same tensor (k, v after q; up after gate) keeps it too, for
+# free, instead of its own projection. Weak: it never keeps a tensor alive; per thread.
+_last_kept = threading.local()
+
+
+def _kept_by_earlier_layer(x: Tensor) -> bool:
+    last = getattr(_last_kept, "entry", None)
+    return last is not None and last[0]() is x and last[1] == x._version
+
+
+def _note_kept_input(x: Tensor) -> None:
+    _last_kept.entry = (weakref.ref(x), x._version)
 
 
 def mixed_rows_linear(

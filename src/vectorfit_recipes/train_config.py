@@ -66,7 +66,7 @@ class TrainConfig:
     device: str = field(default="cpu", metadata=_help("torch device (cpu, cuda, ...)"))
     low_memory: bool = field(default=False, metadata=_help(
         "VectorFit layers keep no weight-sized buffer between forward and backward (less memory, "
-        "a few percent slower; same numbers): see vectorfit.low_memory"))
+        "~10%% more multiply-adds on decoder models; same numbers): see vectorfit.low_memory"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
     pooling: str = field(default="mean", metadata=_help(
         "how the new classification head reads the encoder: mean = attention-masked mean of the last "
