@@ -258,14 +258,16 @@ def _saved_storages(fn):
     return y, saved
 
 
+@pytest.mark.parametrize("path", ["dense", "factorised"])
+# factorised: r == d_in (keeps x), r < d_in (keeps h), square
 @pytest.mark.parametrize("shape", [(5, 4), (4, 6), (6, 6)])
-def test_gradcheck_dense_low_memory(shape):
+def test_gradcheck_low_memory(path, shape):
     d_out, d_in = shape
     U, S, Vh = factors(d_out, d_in)
     x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
     s = S.clone().requires_grad_(True)
     b = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
-    with force_path("dense"), low_memory():
+    with force_path(path), low_memory():
         assert torch.autograd.gradcheck(lambda x, s, b: svd_linear(x, U, Vh, s, b), (x, s, b))
 
 
@@ -378,17 +380,6 @@ def test_autocast_factor_casts_are_kept_between_training_calls():
 
 
 # --------------------------------------------------------------------------------- low-memory: keep x
-@pytest.mark.parametrize("shape", [(5, 4), (4, 6), (6, 6)])  # r == d_in (keeps x), r < d_in (keeps h), square
-def test_gradcheck_factorised_low_memory(shape):
-    d_out, d_in = shape
-    U, S, Vh = factors(d_out, d_in)
-    x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
-    s = S.clone().requires_grad_(True)
-    b = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
-    with force_path("factorised"), low_memory():
-        assert torch.autograd.gradcheck(lambda x, s, b: svd_linear(x, U, Vh, s, b), (x, s, b))
-
-
 @pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (384, 1536)])
 def test_factorised_keeps_input_instead_of_projection(shape):
     """Low-memory mode, factorised path: a layer with r == d_in keeps its input x (no N x r
