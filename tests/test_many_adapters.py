@@ -233,6 +233,31 @@ def test_mixed_batch_rows_equal_each_row_run_alone(variant):
         vf(**batch, adapter_names=names)
 
 
+def test_a_batch_of_only_the_active_adapter_takes_the_ordinary_path():
+    """adapter_names naming only the active adapter is the plain forward (cached dense weight, merged
+    model allowed), not the per-row factorised pass; any other name still mixes."""
+    vf = get_vectorfit_model(make_tiny_bert(0), _config())
+    _perturb(vf, 1)
+    vf.add_adapter("b", _config())
+    batch = _padded_bert_batch()
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append(m._rows is not None))
+             for _, layer in vf.vectorfit_layers()]
+    with torch.no_grad():
+        for _ in range(3):  # the second no-grad call builds each layer's cached W, the third uses it
+            plain = vf(**batch).logits
+        same = vf(**batch, adapter_names=["default"] * 4).logits
+        assert not any(seen)
+        vf(**batch, adapter_names=["default", "default", "b", "default"])
+        assert all(seen[-len(hooks):])
+        vf.merge()
+        merged = vf(**batch, adapter_names=["default"] * 4).logits  # no "unmerge first" error
+    for h in hooks:
+        h.remove()
+    assert torch.equal(same, plain)
+    assert max_rel_diff(merged, plain) < TOL
+
+
 def test_mixed_batch_generate_with_kv_cache():
     vf = get_vectorfit_model(make_tiny_gpt2(0), VectorFitConfig(variant="no_avf"))
 

@@ -457,10 +457,16 @@ class AdaptersMixin:
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self._adapter_configs})
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters {unknown}; loaded: {self.adapters} (and {BASE!r} for the base)")
+        names = list(dict.fromkeys(adapter_names))
+        if names == [self._active_name]:
+            # Every row uses the active adapter: the ordinary forward computes exactly that (merged
+            # or not), with each layer's cached dense weight at inference instead of the per-row
+            # factorised pass.
+            yield
+            return
         layers = [layer for _, layer in self.vectorfit_layers()]
         if any(layer.merged for layer in layers):
             raise ValueError("mixed-adapter batches need the unmerged model: call model.unmerge() first")
-        names = list(dict.fromkeys(adapter_names))
         rows = (names, torch.tensor([names.index(n) for n in adapter_names], device=self._device()))
         modules = [*layers, *self._head_wrappers()]
         for m in modules:

@@ -143,13 +143,22 @@ _forced: Optional[str] = None
 _low_memory: Optional[bool] = None
 
 
+_env_policy: Optional[str] = None  # VECTORFIT_LAYER_PATH, read once (see _policy)
+
+
 def _policy() -> str:
+    """The path every layer uses: :func:`force_path` inside its block, else ``VECTORFIT_LAYER_PATH``
+    (read once per process, when a layer first needs it: generation asks once per layer and
+    token, and an environment lookup costs about as much as the cached-weight check itself)."""
+    global _env_policy
     if _forced is not None:
         return _forced
-    p = os.environ.get("VECTORFIT_LAYER_PATH", "auto").strip().lower() or "auto"
-    if p not in PATHS:
-        raise ValueError(f"VECTORFIT_LAYER_PATH={p!r}; expected one of {PATHS}")
-    return p
+    if _env_policy is None:
+        p = os.environ.get("VECTORFIT_LAYER_PATH", "auto").strip().lower() or "auto"
+        if p not in PATHS:
+            raise ValueError(f"VECTORFIT_LAYER_PATH={p!r}; expected one of {PATHS}")
+        _env_policy = p
+    return _env_policy
 
 
 @contextlib.contextmanager
@@ -345,13 +354,29 @@ def _same_sigma(entry, key: tuple, s: Tensor) -> bool:
     of ``s``. The values are compared, not ``s._version``: edits through ``s.data`` (EMA / SWA
     swaps, clamps) do not bump the version counter and would serve a stale ``W``. Comparing r
     floats costs nothing next to the GEMM the cache saves (on a GPU it is one host sync per layer)."""
-    return entry is not None and entry[0] == key and torch.equal(entry[1], s.detach())
+    return entry is not None and entry[0] == key and torch.equal(entry[1], s)
+
+
+def _dense_key(U: Tensor, Vh: Tensor, s: Tensor, dtype: torch.dtype) -> tuple:
+    # U and Vh are frozen buffers: their storage and version identify them (a .to() or a reload
+    # gives new storage). sigma is what changes, and it is matched by value (_same_sigma).
+    return (s.data_ptr(), U.data_ptr(), U._version, Vh.data_ptr(), Vh._version, dtype, s.device)
+
+
+def _dense_cache_hit(owner, x: Tensor, U: Tensor, Vh: Tensor, s: Tensor) -> Optional[Tensor]:
+    """The cached ``W`` if it serves this no-grad call exactly (same factors, same values of
+    ``s``, same compute dtype, the ``"auto"`` path), else ``None``; never builds anything."""
+    entry = owner.__dict__.get("_vf_dense_cache")
+    if entry is None:
+        return None
+    dtype = _compute_dtype(x, U.dtype)
+    if dtype is None or _policy() != "auto" or not _same_sigma(entry, _dense_key(U, Vh, s, dtype), s):
+        return None
+    return entry[2]
 
 
 def _cached_dense_weight(owner, U: Tensor, Vh: Tensor, s: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-    # U and Vh are frozen buffers: their storage and version identify them (a .to() or a reload
-    # gives new storage). sigma is what changes, and it is matched by value (_same_sigma).
-    key = (s.data_ptr(), U.data_ptr(), U._version, Vh.data_ptr(), Vh._version, dtype, s.device)
+    key = _dense_key(U, Vh, s, dtype)
     cache = getattr(owner, "_vf_dense_cache", None)
     if _same_sigma(cache, key, s):
         return cache[2]
@@ -414,6 +439,12 @@ def svd_linear(
         # Under torch.compile the graph is the optimisation; the value-matched caches (storage
         # pointers, a comparison of s) would only add guards and recompile whenever s changes.
         owner = None
+    if owner is not None and not torch.is_grad_enabled():
+        # Generation calls each layer once per new token on a handful of rows, so what this
+        # function does besides the GEMM is the cost: a cache hit goes straight to F.linear.
+        W = _dense_cache_hit(owner, x, U, Vh, s)
+        if W is not None:
+            return torch.nn.functional.linear(x, W, _cast(b, W.dtype))
     policy = _policy()
     dtype = _compute_dtype(x, U.dtype)
     if policy == "reference" or dtype is None:
@@ -428,7 +459,7 @@ def svd_linear(
 
     if not need_grad:
         # Inference: one GEMM with the cached W (see _cached_dense_weight), else the cheaper path.
-        if owner is not None:
+        if owner is not None and owner.__dict__.get("_vf_cast_cache") is not None:
             owner._vf_cast_cache = None  # training's cast factors: inference keeps W instead
         W = _cached_dense_weight(owner, U, Vh, s, dtype) if owner is not None and policy == "auto" else None
         xc = _cast(x2d, dtype)

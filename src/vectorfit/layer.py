@@ -271,16 +271,22 @@ class SVDLinear(nn.Module):
         disabled = self.disabled
         if self._rows is not None and not disabled:
             return self._mixed_forward(x)
+        if self.train_sigma and not disabled and not self.merged:
+            # The fast path (custom autograd, factorised or dense per call; a cached W when no
+            # gradient is needed): see functional.py. The tensors are read from the module's dicts:
+            # generation runs this once per layer and token, where each nn.Module attribute lookup
+            # (two Python frames through __getattr__) is a measurable share of a one-token GEMV.
+            params, buffers = self._parameters, self._buffers
+            s = params["sigma"] if "sigma" in params else self._forward_sigma()
+            bias = params["bias"] if self.train_bias else buffers["bias"]
+            return svd_linear(x, buffers["U"], buffers["Vh"], s, bias, owner=self)
         bias = self.current_bias(original=disabled)
         if bias is not None:
             bias = bias.to(x.dtype)
-        if self.sigma is None:
+        if not self.train_sigma:
             return F.linear(x, self.weight, bias)
         if self.merged and not disabled:
             return F.linear(x, self.merged_weight, bias)
-        if not disabled:
-            # The fast path (custom autograd, factorised or dense per call): see functional.py.
-            return svd_linear(x, self.U, self.Vh, self._forward_sigma(), self.bias, owner=self)
         s = self.sigma0.to(x.dtype)
         # Two thin matmuls with the original singular values.
         return F.linear(F.linear(x, self.Vh) * s, self.U, bias)
