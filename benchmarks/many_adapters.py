@@ -12,7 +12,8 @@ of a shared machine hits every method alike), the median over ``--reps`` of:
 * for ``smollm2`` also generation tokens/s of ``vf_mixed`` and ``lora_mixed`` (greedy, KV cache).
 
 Plus the memory of 16 loaded adapters against 1: the bytes of the adapter tensors (exact) and the
-process RSS growth (noisy). Adapters are random (non-zero) vectors: a speed benchmark.
+process RSS growth (noisy: it moves with the allocator, by up to the size of the factors); with
+``--memory-only``, the exact bytes of every tensor the model holds with 1 and with 16 adapters. Adapters are random (non-zero) vectors: a speed benchmark.
 
 Targets (issue 11): ``vf_mixed`` with 16 adapters <= 1.2x ``vf_single``; ``vf_mixed`` faster than
 ``lora_mixed``. Needs a quiet machine: do not run it next to other jobs.
@@ -22,6 +23,7 @@ Usage::
     python benchmarks/many_adapters.py                          # both models, timings
     python benchmarks/many_adapters.py --models minilm --reps 5
     python benchmarks/many_adapters.py --check                  # correctness only, no timing
+    python benchmarks/many_adapters.py --memory-only            # exact tensor bytes, 1 vs 16 adapters
 
 Writes ``benchmarks/many_adapters/<model>.json`` (``--out``) with the exact command, versions and
 machine information.
@@ -92,6 +94,39 @@ def build_lora(base: torch.nn.Module, n: int) -> torch.nn.Module:
 
 def adapter_bytes(vf: torch.nn.Module, name: str) -> int:
     return sum(t.numel() * t.element_size() for t in vf._slot_params(name).values())
+
+
+def model_tensor_bytes(vf: torch.nn.Module) -> int:
+    """Bytes of every distinct tensor storage the model holds: parameters, buffers (U, Vh, sigma0),
+    the vectors of every adapter (active or waiting) and every adapter's heads. Exact, unlike RSS."""
+    storages: dict = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+
+    for m in vf.modules():
+        for t in [*m._parameters.values(), *m._buffers.values()]:
+            add(t)
+        for vecs in (m.__dict__.get("_adapters") or {}).values():
+            for t in vecs.values():
+                add(t)
+    for name in vf.adapters:
+        for t in vf._slot_params(name).values():
+            add(t)
+    return sum(storages.values())
+
+
+def memory_only(model_name: str) -> dict:
+    """Exact tensor bytes of a model with 1 and with 16 adapters (no timing; seconds to run)."""
+    base = speed.load_base(model_name)
+    one = model_tensor_bytes(build_vectorfit(copy.deepcopy(base), 1))
+    many = build_vectorfit(copy.deepcopy(base), max(SPREADS))
+    sixteen = model_tensor_bytes(many)
+    return {"model": model_name, "adapter_bytes_each": adapter_bytes(many, "a0"), "model_bytes_1_adapter": one,
+            f"model_bytes_{max(SPREADS)}_adapters": sixteen,
+            "bytes_per_extra_adapter": (sixteen - one) / (max(SPREADS) - 1)}
 
 
 def separate(model: torch.nn.Module, batch: dict, names: list) -> Callable[[], Any]:
@@ -183,6 +218,8 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="only check mixed batches against per-adapter batches")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the exact tensor bytes of 1 vs 16 loaded adapters (writes <out>/memory.json)")
     ap.add_argument("--out", default=str(HERE / "many_adapters"))
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -192,6 +229,15 @@ def main(argv: Optional[list] = None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        rows = [memory_only(m) for m in models]
+        for r in rows:
+            print(r)
+        tmp = out / ".memory.json.tmp"
+        tmp.write_text(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "rows": rows,
+                                   "versions": speed.versions()}, indent=1))
+        os.replace(tmp, out / "memory.json")
+        return
     for m in models:
         res = run_model(m, args.reps)
         res.update(command=shlex.join([sys.executable, *sys.argv]), versions=speed.versions(),

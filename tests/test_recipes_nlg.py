@@ -254,3 +254,21 @@ def test_train_run_end_to_end(tiny_dir, monkeypatch, tmp_path, method):
         # sigma and a (new) bias for each of the 7 targets of the 2 blocks: min(d_out, d_in) + d_out
         shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (48, 32), (48, 32), (32, 48)]
         assert res["trainable_params"] == 2 * sum(min(o, i) + o for o, i in shapes)
+
+
+def test_report_scales_rouge_once():
+    """Result files keep ROUGE x 100 while accuracy is a fraction; the report puts both on the
+    fraction scale its tables multiply by 100, so a ROUGE-L of 25.0 prints as 25.00, not 2500.00."""
+    from vectorfit_recipes.report import _fmt, aggregate, as_fractions
+
+    gen = {"metric": "rougeL", "test": 25.0, "validation": 30.0, "test_before": 10.0,
+           "curve": [{"step": 4, "validation": 20.0, "test": 21.0}]}
+    acc = {"metric": "accuracy", "test": 0.8, "validation": 0.75, "test_before": 0.5}
+    g = as_fractions(gen)
+    assert (g["test"], g["validation"], g["test_before"]) == (0.25, 0.30, 0.10)
+    assert g["curve"] == [{"step": 4, "validation": 0.20, "test": 0.21}] and gen["test"] == 25.0  # a copy
+    assert as_fractions(acc) is acc
+    runs = [{**g, "_suite": "nlg", "task": "bbc-headline", "model": "smollm2", "method": "vectorfit", "lr": 1e-3,
+             "seed": 0, "trainable_params": 1, "total_params": 2, "train_seconds": 1.0}]
+    (summary,) = aggregate(runs).values()
+    assert _fmt(*summary["test"], summary["n"]) == "25.00 (n=1)"

@@ -253,7 +253,8 @@ def _data_command(ns: argparse.Namespace) -> int:
             print(f"  {'':<16} licence: {a.license}; source: {a.source}")
         print("\ndatasets:")
         for d in data.DATASETS.values():
-            labels = "regression" if d.label_names is None else "/".join(d.label_names)
+            labels = ("generation" if d.is_generation else "regression" if d.label_names is None
+                      else "/".join(d.label_names))
             print(f"  {d.name:<16} asset {d.asset:<16} metric {d.metric:<9} {labels}")
         print("\nmodels:")
         for m in models.MODELS.values():

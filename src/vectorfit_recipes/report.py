@@ -39,6 +39,22 @@ _VECTOR_TYPES = [
 ]
 
 
+def as_fractions(r: dict) -> dict:
+    """``r`` with its metric on the 0-1 scale of accuracy, which every table multiplies by 100:
+    generation runs record ROUGE already x 100 (``nlg.py``), so their test, validation, before and
+    curve values are divided by 100 here (a copy; the file is not touched)."""
+    if not str(r.get("metric", "")).startswith("rouge"):
+        return r
+    r = dict(r)
+    for k in ("test", "validation", "test_before"):
+        if r.get(k) is not None:
+            r[k] = r[k] / 100.0
+    if r.get("curve"):
+        r["curve"] = [{**p, **{s: p[s] / 100.0 for s in ("validation", "test") if p.get(s) is not None}}
+                      for p in r["curve"]]
+    return r
+
+
 def load_results(root: Path, suite_names: Optional[list[str]] = None) -> list[dict]:
     """The result files of each suite (``configs/suites.json``) found under ``root``; a run shared
     by two suites appears once per suite, tagged with ``_suite``."""
@@ -54,7 +70,7 @@ def load_results(root: Path, suite_names: Optional[list[str]] = None) -> list[di
                 r = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            out.append({**r, "_suite": suite, "_path": str(path)})
+            out.append({**as_fractions(r), "_suite": suite, "_path": str(path)})
     return out
 
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, ORDER, _fmt
+from .report import LABELS, ORDER, _fmt, as_fractions
 
 
 def _method_key(m: str) -> tuple:
@@ -47,7 +47,7 @@ def load_partials(root: Path, suite: str) -> list[dict]:
             r = json.loads(part.read_text())
         except json.JSONDecodeError:
             continue
-        out.append({**r, "_suite": suite, "_partial": True, "trainable_params": r.get("trainable_params")})
+        out.append({**as_fractions(r), "_suite": suite, "_partial": True, "trainable_params": r.get("trainable_params")})
     return out
 
 
