@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .cache import atomic_path, atomic_write_bytes
+
+if TYPE_CHECKING:  # the annotation only; config_of imports it when called, as the file's I/O needs no config
+    from .config import VectorFitConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -24,6 +24,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 __all__ = ["main", "add_dataclass_arguments", "dataclass_from_args", "build_parser", "normalize_argv",
@@ -52,17 +53,14 @@ def set_passive_openmp() -> bool:
     return "torch" not in sys.modules
 
 
-def _repo_root() -> Optional["Path"]:
+def _repo_root() -> Optional[Path]:
     """The source checkout this package runs from (an editable install), or ``None``."""
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]  # src/vectorfit_recipes/cli.py -> repository
     return root if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir() else None
 
 
-def _repo_path(relative: str) -> "Path":
+def _repo_path(relative: str) -> Path:
     """``relative`` inside the repository when running from a checkout, else in the current folder."""
-    from pathlib import Path
 
     root = _repo_root()
     return root / relative if root is not None else Path(relative)

@@ -115,8 +115,6 @@ class TrainConfig:
         if self.stop_at_step is not None and (self.stop_at_step < 1 or self.output is None):
             raise ValueError(f"--stop-at-step {self.stop_at_step}: needs --output (the checkpoint is kept beside it) "
                              "and a step >= 1")
-        import math
-
         if not (math.isfinite(self.bias_lr_scale) and self.bias_lr_scale >= 0):
             raise ValueError(f"--bias-lr-scale must be a finite number >= 0, got {self.bias_lr_scale}")
         if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
