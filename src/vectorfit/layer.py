@@ -216,15 +216,21 @@ class SVDLinear(nn.Module):
         z = self._parameters["sigma_delta"]
         if torch.is_grad_enabled() and z.requires_grad:
             return self.sigma0 * (1.0 + z)
+        # (z it was computed from, s): an unchanged z (compared by value, like sigma in
+        # functional.py) costs one comparison per call instead of recomputing s and comparing it.
+        kept = self.__dict__.get("_sigma_eval")
+        if (kept is not None and kept[0].shape == z.shape and kept[0].dtype == z.dtype and kept[0].device == z.device
+                and torch.equal(kept[0], z)):
+            return kept[1]
         with torch.no_grad():
             s = self.sigma0 * (1.0 + z)
-            kept = self.__dict__.get("_sigma_eval")
-            if kept is None or kept.shape != s.shape or kept.device != s.device:
-                object.__setattr__(self, "_sigma_eval", s)
+            if (kept is None or kept[0].dtype != z.dtype or kept[1].shape != s.shape or kept[1].dtype != s.dtype
+                    or kept[1].device != s.device):
+                object.__setattr__(self, "_sigma_eval", (z.detach().clone(), s))
                 return s
-            if not torch.equal(kept, s):
-                kept.copy_(s)
-            return kept
+            kept[0].copy_(z)
+            kept[1].copy_(s)  # the same tensor: the cached W stays keyed to it
+            return kept[1]
 
     # ------------------------------------------------------------------ weights
     def dense_weight(self, original: bool = False) -> Tensor:
