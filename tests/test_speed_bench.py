@@ -14,13 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_speed_benchmark_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--configs", "1", "--quick",
-           "--methods", "vectorfit,vectorfit_lowmem,lora", "--steps", "1", "--memory-steps", "1",
+           "--methods", "vectorfit,lora", "--steps", "1", "--memory-steps", "1",
            "--no-setup", "--no-inference", "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "1-minilm-seqcls-32x64-fp32.json").read_text())
-    methods = ["vectorfit", "vectorfit_lowmem", "lora"]
+    # (two methods: each one costs a memory child process; low-memory mode's equality with the
+    # default is tested in test_speed_paths.py and test_recipes_cli.py)
+    methods = ["vectorfit", "lora"]
     assert res["methods"] == methods
     for m in methods:
         assert res["memory"][m]["peak_mb"] > 0, res["memory"][m]
@@ -29,6 +31,5 @@ def test_speed_benchmark_smoke(tmp_path):
         if m != "lora":  # one round: the round-by-round ratio is the ratio of the two raw times
             q = res["ratios"][f"step_train_{m}_over_lora_paired_quartiles"]
             assert q == [res["step"][m]["train"]["raw_s"][0] / res["step"]["lora"]["train"]["raw_s"][0]] * 3
-    # the same adapter either way: low-memory mode changes what is kept, not what is trained
-    assert res["trainable_params"]["vectorfit"] == res["trainable_params"]["vectorfit_lowmem"] == 35_330
-    assert "vectorfit_lowmem" in proc.stdout and "peak MB" in proc.stdout
+    assert res["trainable_params"]["vectorfit"] == 35_330  # minilm: sigma + bias vectors and the 2-class head
+    assert "peak MB" in proc.stdout

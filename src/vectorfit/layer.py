@@ -282,10 +282,13 @@ class SVDLinear(nn.Module):
             # gradient is needed): see functional.py. The tensors are read from the module's dicts:
             # generation runs this once per layer and token, where each nn.Module attribute lookup
             # (two Python frames through __getattr__) is a measurable share of a one-token GEMV.
+            # (FSDP's prepare_fsdp turns U, Vh into frozen parameters: then the usual lookup.)
             params, buffers = self._parameters, self._buffers
             s = params["sigma"] if "sigma" in params else self._forward_sigma()
-            bias = params["bias"] if self.train_bias else buffers["bias"]
-            return svd_linear(x, buffers["U"], buffers["Vh"], s, bias, owner=self)
+            bias = params["bias"] if "bias" in params else buffers["bias"] if "bias" in buffers else self.bias
+            U = buffers["U"] if "U" in buffers else self.U
+            Vh = buffers["Vh"] if "Vh" in buffers else self.Vh
+            return svd_linear(x, U, Vh, s, bias, owner=self)
         bias = self.current_bias(original=disabled)
         if bias is not None:
             bias = bias.to(x.dtype)
