@@ -109,10 +109,7 @@ def model_tensor_bytes(vf: torch.nn.Module) -> int:
     for m in vf.modules():
         for t in [*m._parameters.values(), *m._buffers.values()]:
             add(t)
-        for vecs in (m.__dict__.get("_adapters") or {}).values():
-            for t in vecs.values():
-                add(t)
-    for name in vf.adapters:
+    for name in vf.adapters:  # every adapter's vectors in every layer, and its heads
         for t in vf._slot_params(name).values():
             add(t)
     return sum(storages.values())

@@ -219,13 +219,13 @@ class SVDLinear(nn.Module):
         # (z it was computed from, s): an unchanged z (compared by value, like sigma in
         # functional.py) costs one comparison per call instead of recomputing s and comparing it.
         kept = self.__dict__.get("_sigma_eval")
-        if (kept is not None and kept[0].shape == z.shape and kept[0].dtype == z.dtype and kept[0].device == z.device
-                and torch.equal(kept[0], z)):
+        fits = (kept is not None and kept[0].shape == z.shape and kept[0].dtype == z.dtype
+                and kept[0].device == z.device)  # s follows from z and the frozen sigma0
+        if fits and torch.equal(kept[0], z):
             return kept[1]
         with torch.no_grad():
             s = self.sigma0 * (1.0 + z)
-            if (kept is None or kept[0].dtype != z.dtype or kept[1].shape != s.shape or kept[1].dtype != s.dtype
-                    or kept[1].device != s.device):
+            if not fits:
                 object.__setattr__(self, "_sigma_eval", (z.detach().clone(), s))
                 return s
             kept[0].copy_(z)

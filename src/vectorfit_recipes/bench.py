@@ -19,7 +19,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from . import methods as methods_mod
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,8 @@ def runs_of(name: str) -> list[Run]:
         raise SystemExit(f"vectorfit bench: unknown suite {name!r}; known: {', '.join(sorted(table))}")
     s = table[name]
     settings = tuple(sorted(s.get("settings", {}).items()))
+    from . import methods as methods_mod  # (torch): not needed to list the suites, as `--help` does
+
     mt = methods_mod.method_table()
     out: list[tuple[int, int, Run]] = []
     for seed in s["seeds"]:

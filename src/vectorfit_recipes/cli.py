@@ -170,11 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs every missing run of a suite from configs/suites.json, each as `vectorfit train` in "
                     "a fresh process writing one JSON file; stop it at any time and run it again to resume.",
     )
-    import json
-    from importlib import resources
+    from .bench import suites
 
-    suite_names = sorted(json.loads(resources.files("vectorfit_recipes").joinpath("configs/suites.json")
-                                    .read_text())["suites"])
+    suite_names = sorted(suites())
     p_bench.add_argument("--suite", required=True, choices=suite_names, metavar="SUITE",
                          help="a suite of configs/suites.json: " + ", ".join(suite_names))
     results_help = (f"results folder (default: benchmarks/results of the repository this command runs from, "
