@@ -237,3 +237,31 @@ def test_report_shows_unfinished_curves_once_under_the_first_suite_that_runs_the
     text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
     assert "## Suite `curves-rates`" in text and "## Suite `curves`" not in text
     assert "| LoRA r=1 (unfinished: 1 run(s), at step 4 so far) | 0.001 | 1 | 60.00 (n=1) | 70.00 (n=1) | 4 |" in text
+
+
+def test_report_does_not_repeat_a_suite_whose_finished_runs_were_all_shown_above(tmp_path, monkeypatch):
+    """``curves`` starts with curves-rates' finished runs: while those are all it has, its section
+    would repeat the same curves; once it has a run of its own (another seed), it is shown."""
+    from vectorfit_recipes import report
+
+    settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
+    rates = {"tasks": ["movie"], "models": ["minilm"], "methods": ["lora_r1"], "seeds": [0],
+             "lrs": {"lora_r1": [0.001]}, "settings": settings}
+    monkeypatch.setattr(bench, "suites", lambda: {"curves-rates": rates, "curves": {**rates, "seeds": [0, 1]}})
+
+    def write(run_):
+        run_.path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        curve = [{"step": 2, "validation": 0.6, "test": 0.55}, {"step": 4, "validation": 0.7, "test": 0.65}]
+        run_.path(tmp_path).write_text(json.dumps({
+            "task": "movie", "model": "minilm", "method": "lora_r1", "seed": run_.seed, "lr": run_.lr,
+            "metric": "accuracy", "test": 0.65, "validation": 0.7, "trainable_params": 5, "total_params": 10,
+            "train_seconds": 1.0, "curve": curve, "config": {"pooling": "mean"}}))
+
+    seed0, seed1 = bench.runs_of("curves")
+    assert seed0 in set(bench.runs_of("curves-rates"))
+    write(seed0)
+    text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
+    assert "## Suite `curves-rates`" in text and "## Suite `curves`" not in text
+    write(seed1)
+    text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
+    assert "## Suite `curves-rates`" in text and "## Suite `curves`" in text

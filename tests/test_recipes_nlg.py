@@ -272,3 +272,47 @@ def test_report_scales_rouge_once():
              "seed": 0, "trainable_params": 1, "total_params": 2, "train_seconds": 1.0}]
     (summary,) = aggregate(runs).values()
     assert _fmt(*summary["test"], summary["n"]) == "25.00 (n=1)"
+
+
+def test_report_nlg_section(tmp_path):
+    """The generation section: a seed-0 run shared by ``nlg-rates`` and ``nlg`` counts once, the
+    chosen rate is the best seed-0 validation ROUGE-L, means and stds are over seeds, the floor row
+    comes first and each method's sample output sits next to the same reference."""
+    import statistics
+
+    from vectorfit_recipes.report_nlg import chosen_rates, nlg_section
+
+    def run(method, lr, seed, test_l, val_l, out):
+        samples = [{"input_head": f"article {i} | body", "reference": f"ref {i}", "output": f"{out} {i}"} for i in range(6)]
+        return {"task": "bbc-headline", "model": "smollm2", "method": method, "lr": lr, "seed": seed,
+                "metric": "rougeL", "trainable_params": 10, "train_seconds": 5.0 + seed,
+                "config": {"max_train_examples": 384, "max_len": 128, "batch_size": 8, "epochs": 1},
+                "generation": {"max_new_tokens": 24},
+                "rouge": {"test": {"rouge1": test_l + 2, "rouge2": test_l - 5, "rougeL": test_l},
+                          "validation": {"rouge1": 0.0, "rouge2": 0.0, "rougeL": val_l}},
+                "samples": samples, "_path": f"{method}/{lr}/{seed}"}
+
+    runs = [run("vectorfit", 3e-3, 0, 30.0, 31.0, "vf"), run("vectorfit", 1e-2, 0, 35.0, 29.0, "vf-hi"),
+            run("vectorfit", 3e-3, 1, 32.0, 33.0, "vf1"), run("vectorfit", 3e-3, 2, 34.0, 30.0, "vf2"),
+            run("lora_r1", 2e-3, 0, 28.0, 27.0, "lora")]
+    tagged = [{**r, "_suite": "nlg-rates"} for r in runs if r["seed"] == 0]
+    tagged += [{**r, "_suite": "nlg"} for r in runs if r["lr"] in (3e-3, 2e-3)]  # seed 0 again: shared
+    assert chosen_rates(tagged) == {"vectorfit": 3e-3, "lora_r1": 2e-3}  # validation picks, not test
+    floor = tmp_path / "floor.json"
+    floor.write_text(json.dumps({"test": {"rouge1": 12.0, "rouge2": 3.0, "rougeL": 10.5},
+                                 "validation": {"rouge1": 13.0, "rouge2": 4.0, "rougeL": 11.25},
+                                 "samples_test": [{"output": f"floor {i}"} for i in range(6)]}))
+    text = "\n".join(nlg_section(tagged, floor))
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| before fine-tuning (floor) |") and "| 10.50 | 11.25 |" in rows[1]
+    vf = next(line for line in rows if line.startswith("| VectorFit | 0.003 (chosen) |"))
+    mean, std = statistics.fmean([30.0, 32.0, 34.0]), statistics.stdev([30.0, 32.0, 34.0])
+    assert f"| 0,1,2 | {mean + 2:.2f} ± {std:.2f} | {mean - 5:.2f} ± {std:.2f} | {mean:.2f} ± {std:.2f} |" in vf
+    assert "| VectorFit | 0.01 | 0 | 37.00 | 30.00 | 35.00 | 29.00 |" in text
+    assert "| LoRA r=1 | 0.002 | 0 |" in text and "(chosen)" not in text.split("| LoRA r=1")[1].split("\n")[0]
+    # samples: article head escaped, reference, floor, then each method's output for that article
+    block = text.split("**Article 2:**")[1].split("**Article 3:**")[0]
+    assert "article 1 \\| body" in block and "| reference | ref 1 |" in block
+    assert "| before fine-tuning | floor 1 |" in block and "| VectorFit | vf 1 |" in block and "| LoRA r=1 | lora 1 |" in block
+    assert "**Article 5:**" not in text  # four shown
+    assert nlg_section([{**r, "_suite": "main"} for r in runs], floor) == []

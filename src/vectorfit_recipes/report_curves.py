@@ -47,7 +47,8 @@ def load_partials(root: Path, suite: str) -> list[dict]:
             r = json.loads(part.read_text())
         except json.JSONDecodeError:
             continue
-        out.append({**as_fractions(r), "_suite": suite, "_partial": True, "trainable_params": r.get("trainable_params")})
+        out.append({**as_fractions(r), "_suite": suite, "_partial": True, "_path": str(part),
+                    "trainable_params": r.get("trainable_params")})
     return out
 
 
