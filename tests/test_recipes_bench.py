@@ -81,6 +81,23 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     assert len({r.path(Path("x")) for r in bench.runs_of("main")}) == len(bench.runs_of("main"))
 
 
+def test_every_run_of_every_suite_is_a_valid_train_command(tmp_path):
+    """Each suite run is a `vectorfit train` command line. Parsed by the real CLI parser, it must
+    give a config that validates and carries the run's identity. A typo in suites.json (an unknown
+    flag, a bad value, an option that contradicts a setting) fails here, not hours into a bench."""
+    from vectorfit_recipes import cli
+
+    parser = cli.build_parser()
+    for name in bench.suites():
+        for r in bench.runs_of(name):
+            ns = parser.parse_args(r.argv(r.path(tmp_path)))
+            cfg = cli.dataclass_from_args(TrainConfig, ns)
+            cfg.validate()
+            assert (cfg.task, cfg.model, cfg.method, cfg.seed, cfg.lr) == (r.task, r.model, r.method, r.seed, r.lr), name
+            for k, v in r.settings:
+                assert getattr(cfg, k) == v, (name, k, getattr(cfg, k), v)
+
+
 @pytest.mark.slow
 def test_train_one_vectorfit_and_one_peft_run_then_report(tmp_path, monkeypatch):
     """End to end on a tiny slice of the real movie data: result schema, bench resume, report."""
