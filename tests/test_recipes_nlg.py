@@ -301,7 +301,7 @@ def test_report_nlg_section(tmp_path):
     floor = tmp_path / "floor.json"
     floor.write_text(json.dumps({"test": {"rouge1": 12.0, "rouge2": 3.0, "rougeL": 10.5},
                                  "validation": {"rouge1": 13.0, "rouge2": 4.0, "rougeL": 11.25},
-                                 "samples_test": [{"output": f"floor {i}"} for i in range(6)]}))
+                                 "samples_test": [{"reference": f"ref {i}", "output": f"floor {i}"} for i in range(6)]}))
     text = "\n".join(nlg_section(tagged, floor))
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| before fine-tuning (floor) |") and "| 10.50 | 11.25 |" in rows[1]
