@@ -432,10 +432,9 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     from .bench import suites as known_suites
 
     known = set(known_suites())
-    for name in suite_names or order:
-        if name not in known:
-            continue
-        own = {r["_path"] for r in results if r["_suite"] == name} | {p["_path"] for p in load_partials(results_dir, name)}
+    partials = {name: load_partials(results_dir, name) for name in suite_names or order if name in known}
+    for name, unfinished in partials.items():
+        own = {r["_path"] for r in results if r["_suite"] == name} | {p["_path"] for p in unfinished}
         if own - shown:
             suites.append(name)
             shown |= own
@@ -446,7 +445,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
         lines += [notes.read_text().rstrip(), ""]
     for suite in suites:
         lines += [f"## Suite `{suite}`", ""]
-        with_partial = results + load_partials(results_dir, suite)
+        with_partial = results + partials[suite]
         settings = {k: v for k, v in next(r for r in with_partial if r["_suite"] == suite)["config"].items()
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}

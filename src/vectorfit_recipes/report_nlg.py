@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, ORDER
+from .report import LABELS, _mean_std, _method_key
 
 __all__ = ["SUITES", "chosen_rates", "nlg_section"]
 
@@ -42,9 +42,9 @@ def _runs(results: list[dict]) -> list[dict]:
 
 
 def _ms(xs: list[float]) -> str:
-    if len(xs) < 2:
-        return f"{xs[0]:.2f}"
-    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+    """ROUGE (already x 100) as mean ± std over seeds; one seed has no spread and prints none."""
+    mean, std = _mean_std(xs)
+    return f"{mean:.2f}" if len(xs) < 2 else f"{mean:.2f} ± {std:.2f}"
 
 
 def chosen_rates(runs: list[dict]) -> dict[str, float]:
@@ -57,10 +57,6 @@ def chosen_rates(runs: list[dict]) -> dict[str, float]:
         if r["method"] not in best or v > best[r["method"]][0]:
             best[r["method"]] = (v, r["lr"])
     return {m: lr for m, (_, lr) in best.items()}
-
-
-def _order(m: str) -> int:
-    return ORDER.index(m) if m in ORDER else len(ORDER)
 
 
 def nlg_section(results: list[dict], floor_path: Optional[Path] = None) -> list[str]:
@@ -92,7 +88,7 @@ def nlg_section(results: list[dict], floor_path: Optional[Path] = None) -> list[
         t, v = floor["test"], floor["validation"]
         lines.append(f"| before fine-tuning (floor) | | | {t['rouge1']:.2f} | {t['rouge2']:.2f} | {t['rougeL']:.2f} "
                      f"| {v['rougeL']:.2f} | 0 | |")
-    for (m, lr), rs in sorted(groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+    for (m, lr), rs in sorted(groups.items(), key=lambda kv: (_method_key(kv[0][0]), kv[0][1])):
         rs = sorted(rs, key=lambda r: r["seed"])
         test = [[r["rouge"]["test"][k] for r in rs] for k in KEYS]
         val = [r["rouge"]["validation"]["rougeL"] for r in rs]
@@ -115,7 +111,7 @@ def _samples(runs: list[dict], chosen: dict[str, float], floor: Optional[dict]) 
     shown = {r["method"]: r for r in runs if r["seed"] == 0 and chosen.get(r["method"]) == r["lr"] and r.get("samples")}
     if not shown:
         return []
-    methods = sorted(shown, key=_order)
+    methods = sorted(shown, key=_method_key)
     first = shown[methods[0]]["samples"]
     lines = ["### Sample headlines (test articles, seed 0, each method at its chosen rate)", ""]
     for i, s in enumerate(first[:N_SHOWN]):
