@@ -112,6 +112,7 @@ def test_train_one_vectorfit_and_one_peft_run_then_report(tmp_path, monkeypatch)
         assert RESULT_KEYS <= set(res), RESULT_KEYS - set(res)
         assert res["steps"] == settings["max_steps"] and res["lr"] == r.lr
         on_disk = json.loads(r.path(results).read_text())
+        assert not Path(f"{r.path(results)}.lock").exists()  # a finished run leaves only its result
         assert on_disk["test"] == res["test"] and 0.0 <= res["test"] <= 1.0
         assert res["adapter_bytes"] > 0 and res["trainable_params"] < res["total_params"]
         if r.method == "vectorfit":
@@ -169,3 +170,42 @@ def test_pooling_effect_is_paired_by_seed_against_the_main_suite():
     assert e["n"] == 2 and e["wins"] == 1
     assert e["mean"] == pytest.approx(((0.75 - 0.70) + (0.73 - 0.74)) / 2, abs=1e-12)
     assert "| movie | LoRA r=1 | 71.67 | 74.00 | +2.00 ± 4.24 | 1/2 |" in "\n".join(report._pooling_table(report.aggregate(main + pooled)))
+
+
+def test_bench_filters_keep_the_suite_order_and_name_what_a_suite_lacks():
+    runs = bench.runs_of("curves-rates")
+    only = bench.select(runs, {"methods": ["lora_r1", "vectorfit"]}, "curves-rates")
+    assert only == [r for r in runs if r.method in ("vectorfit", "lora_r1")]  # suite order, not the filter's
+    assert {r.method for r in only} == {"vectorfit", "lora_r1"} and len(only) == 6
+    assert bench.select(runs, {"seeds": ["0"], "tasks": ["movie"]}, "x") == runs
+    with pytest.raises(SystemExit, match=r"has no methods lora_r2; its methods: .*lora_r1"):
+        bench.select(runs, {"methods": ["lora_r1", "lora_r2"]}, "curves-rates")
+    with pytest.raises(SystemExit, match="has no seeds 5"):
+        bench.select(runs, {"seeds": ["5"]}, "curves-rates")
+
+
+def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(tmp_path, capsys):
+    """Two processes on one --output would resume from one checkpoint and overwrite each other's
+    files. The lock is the OS's flock, taken here on a second open file: the same conflict a
+    second process meets."""
+    from vectorfit_recipes import checkpoint, cli
+
+    results = tmp_path / "results"
+    first, second = bench.runs_of("smoke")
+    out = first.path(results)
+    assert not checkpoint.output_busy(str(out))
+    with checkpoint.output_lock(str(out)):
+        assert checkpoint.output_busy(str(out))
+        lines = []
+        assert bench.run_suite("smoke", results, dry_run=True, log=lines.append) == 0
+        assert "0 of 2 runs already done, 1 to go" in lines[0]
+        assert f"skipping movie/{first.method}/" in lines[1] and "another process is training it" in lines[1]
+        listed = [line for line in lines if line.startswith("  vectorfit train")]
+        assert len(listed) == 1 and f"--method {second.method} " in listed[0]
+        # a hand-typed `vectorfit train` on the same output stops before touching any file
+        code = cli.main(first.argv(out))
+        assert code == 2 and f"another process is writing {out}" in capsys.readouterr().err
+        assert not out.exists() and not checkpoint.checkpoint_path(str(out)).exists()
+        assert not Path(f"{out}.partial").exists()
+    assert not checkpoint.output_busy(str(out))  # released with the context
+    assert not Path(f"{second.path(results)}.lock").exists()  # looking at a run does not make a lock file

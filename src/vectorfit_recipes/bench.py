@@ -83,8 +83,28 @@ def runs_of(name: str) -> list[Run]:
     return [r for _, _, r in sorted(out, key=lambda x: (x[0], x[1]))]  # stable: keeps task/method order
 
 
+def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
+    """The runs whose method, task and seed are among ``only``'s (e.g. ``{"methods": ["vectorfit"]}``);
+    order kept. A value the suite does not have is an error that lists the ones it has."""
+    if not only:
+        return runs
+    fields = {"methods": "method", "tasks": "task", "seeds": "seed"}
+    keep = runs
+    for key, values in only.items():
+        if key not in fields:
+            raise SystemExit(f"vectorfit bench: unknown filter {key!r}; use one of {', '.join(fields)}")
+        have = sorted({str(getattr(r, fields[key])) for r in runs})
+        wanted = {str(v).strip() for v in values}
+        unknown = sorted(wanted - set(have))
+        if unknown:
+            raise SystemExit(f"vectorfit bench: suite {suite} has no {key} {', '.join(unknown)}; "
+                             f"its {key}: {', '.join(have)}")
+        keep = [r for r in keep if str(getattr(r, fields[key])) in wanted]
+    return keep
+
+
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,
-              jobs: int = 1, threads: Optional[int] = None) -> int:
+              jobs: int = 1, threads: Optional[int] = None, only: Optional[dict] = None) -> int:
     """Run the missing runs of a suite. Returns the number of failed runs.
 
     Args:
@@ -96,6 +116,10 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
             better than one two-thread run, and keep threads from spin-waiting against each other.
         threads: torch threads per run; none = 1 when ``jobs > 1``, else torch's default. Not part
             of a run's identity: it changes the speed, not the numbers.
+        only: run only some of the suite's runs (:func:`select`), e.g. ``{"methods": ["vectorfit"]}``.
+
+    A run that another process is training now (it holds the run's lock, see
+    ``checkpoint.output_lock``) is skipped, so two benches over one results folder share the work.
     """
     import os
 
@@ -103,9 +127,17 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
 
     if jobs < 1:
         raise SystemExit(f"vectorfit bench: --jobs must be >= 1, got {jobs}")
-    todo = [r for r in runs_of(name) if not r.path(results).exists()]
-    total = len(runs_of(name))
-    log(f"[bench] suite {name}: {total - len(todo)} of {total} runs already done, {len(todo)} to go; results in {results}")
+    from .checkpoint import output_busy
+
+    runs = select(runs_of(name), only, name)
+    todo = [r for r in runs if not r.path(results).exists()]
+    busy = [r for r in todo if output_busy(str(r.path(results)))]
+    todo = [r for r in todo if r not in busy]
+    scope = f"{name} ({'; '.join(f'{k} ' + ','.join(map(str, v)) for k, v in only.items())})" if only else name
+    log(f"[bench] suite {scope}: {len(runs) - len(todo) - len(busy)} of {len(runs)} runs already done, "
+        f"{len(todo)} to go; results in {results}")
+    for r in busy:
+        log(f"[bench] skipping {r.task}/{r.method}/lr{r.lr:g}/seed{r.seed}: another process is training it")
     if limit is not None:
         todo = todo[:limit]
     if threads is None and jobs > 1:
@@ -156,8 +188,12 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         for r in todo:
             while len(running) >= jobs:
                 reap(block=True)
-            bar.set_postfix_str(f"{r.task}/{r.method}/lr{r.lr:g}/s{r.seed}")
             out = r.path(results)
+            if out.exists() or output_busy(str(out)):  # finished or started by another bench meanwhile
+                tqdm.write(f"[bench] skipping {r}: done or being trained by another process")
+                bar.update(1)
+                continue
+            bar.set_postfix_str(f"{r.task}/{r.method}/lr{r.lr:g}/s{r.seed}")
             out.parent.mkdir(parents=True, exist_ok=True)
             f = open(out.with_suffix(".log"), "w")
             proc = subprocess.Popen([sys.executable, "-m", "vectorfit_recipes", *r.argv(out), *extra],

@@ -12,13 +12,15 @@ buffers), not the frozen weights, which come from the pretrained model again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-__all__ = ["LoopState", "checkpoint_path", "identity", "save", "load", "RESUME_UNSUPPORTED"]
+__all__ = ["LoopState", "checkpoint_path", "identity", "save", "load", "RESUME_UNSUPPORTED",
+           "OutputBusy", "output_lock", "output_busy"]
 
 FORMAT = 1
 
@@ -50,6 +52,63 @@ class LoopState:
 
 def checkpoint_path(output: str) -> Path:
     return Path(f"{output}.ckpt")
+
+
+class OutputBusy(RuntimeError):
+    """Another process is writing the same result file (and its checkpoint)."""
+
+
+def _lock_path(output: str) -> Path:
+    return Path(f"{output}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(output: Optional[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``X.lock`` while a run with ``--output X`` trains.
+
+    Two processes on one output (two benches over the same results folder, or a bench and a
+    hand-typed ``vectorfit train``) would both resume from ``X.ckpt`` and overwrite each other's
+    checkpoint and curve. The second one instead stops at once with :class:`OutputBusy`. The lock is
+    the operating system's (``flock``), so a killed process releases it; the empty lock file stays
+    until the run has written its result.
+    Where ``fcntl`` does not exist (Windows) runs are not locked.
+
+    Raises:
+        OutputBusy: another process holds the lock.
+    """
+    if not output:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = _lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusy(f"another process is writing {output} (it holds {path}); wait for it to finish, "
+                             f"stop it, or choose another --output") from None
+        try:
+            yield
+            if Path(output).exists():  # finished: the result marks the run done, the lock file can go
+                path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def output_busy(output: str) -> bool:
+    """Whether some process holds :func:`output_lock` on ``output`` now (without keeping it)."""
+    if not _lock_path(output).exists():  # never locked (and no lock file made just to look)
+        return False
+    try:
+        with output_lock(output):
+            return False
+    except OutputBusy:
+        return True
 
 
 def identity(cfg: Any) -> dict:

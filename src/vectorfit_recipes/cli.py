@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--results", default=None, help=results_help)
     p_bench.add_argument("--dry-run", action="store_true", help="list the missing runs' commands, run nothing")
     p_bench.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
+    p_bench.add_argument("--methods", default=None, metavar="M1,M2",
+                         help="only the suite's runs of these methods, in the suite's order (e.g. to run the methods "
+                              "that decide a question first); default: every method")
+    p_bench.add_argument("--tasks", default=None, metavar="T1,T2", help="only the suite's runs on these tasks")
+    p_bench.add_argument("--seeds", default=None, metavar="S1,S2", help="only the suite's runs with these seeds")
     p_bench.add_argument("--jobs", type=int, default=1,
                          help="runs at once, each in its own process (default: %(default)s); 2 on a 2-core machine")
     p_bench.add_argument("--threads", type=int, default=None,
@@ -367,6 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = parser.parse_args(argv)
 
     from .assets import AssetError
+    from .checkpoint import OutputBusy
 
     try:
         if ns.command == "train":
@@ -383,8 +389,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .bench import run_suite
 
             results = Path(ns.results) if ns.results else _repo_path("benchmarks/results")
+            only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds") if getattr(ns, k)}
             return 1 if run_suite(ns.suite, results, dry_run=ns.dry_run, limit=ns.limit,
-                                  jobs=ns.jobs, threads=ns.threads) else 0
+                                  jobs=ns.jobs, threads=ns.threads, only=only) else 0
         if ns.command == "report":
             from pathlib import Path
 
@@ -396,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                Path(ns.notes) if ns.notes else _repo_path("benchmarks/NOTES.md"), suites)
             print(f"report written to {out}")
             return 0
-    except AssetError as e:
+    except (AssetError, OutputBusy) as e:
         print(f"vectorfit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

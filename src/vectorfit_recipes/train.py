@@ -179,7 +179,7 @@ def run(cfg: TrainConfig, log: Any = print) -> dict:
     cfg.validate()
     models_mod.set_offline()
     # Under torchrun: the process group, and this rank's cfg/log (only rank 0 writes); see distributed.py.
-    with _process_settings(cfg), dist_mod.session(cfg, log) as (cfg, log):
+    with _process_settings(cfg), dist_mod.session(cfg, log) as (cfg, log), ckpt_mod.output_lock(cfg.output):
         t_start = time.perf_counter()
         data = prepare_data(cfg, log)
         setup = build_method(cfg, data, log)
