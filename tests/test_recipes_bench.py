@@ -118,6 +118,7 @@ def test_train_one_vectorfit_and_one_peft_run_then_report(tmp_path, monkeypatch)
         if r.method == "vectorfit":
             assert res["avf"]["history"] and res["delta_spectra"]
             assert res["adapter_bytes"] < 400_000  # vectors + head only
+    assert [(row["state"], row["step"]) for row in bench.status("smoke", results)] == [("done", 3), ("done", 3)]
     # bench sees both runs done and runs nothing
     lines = []
     assert bench.run_suite("smoke", results, log=lines.append) == 0
@@ -207,5 +208,14 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
         assert code == 2 and f"another process is writing {out}" in capsys.readouterr().err
         assert not out.exists() and not checkpoint.checkpoint_path(str(out)).exists()
         assert not Path(f"{out}.partial").exists()
+        assert [row["state"] for row in bench.status("smoke", results)] == ["running", "not started"]
     assert not checkpoint.output_busy(str(out))  # released with the context
+    # an interrupted run: its curve so far, no lock holder -> "stopped" at its last curve step
+    Path(f"{out}.partial").write_text(json.dumps({"partial": True, "curve": [{"step": 64}, {"step": 128}]}))
+    rows = bench.status("smoke", results)
+    assert [(row["state"], row["step"]) for row in rows] == [("stopped", 128), ("not started", None)]
+    lines = []
+    bench.print_status("smoke", results, log=lines.append)
+    assert "0 done, 0 running, 1 stopped, 1 not started" in lines[0]
+    assert lines[1].split()[:3] == ["stopped", "movie", first.method] and "step 128" in lines[1]
     assert not Path(f"{second.path(results)}.lock").exists()  # looking at a run does not make a lock file

@@ -103,6 +103,53 @@ def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
     return keep
 
 
+def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
+    """Where each run of a suite stands, read from its files (nothing is run or changed).
+
+    Returns:
+        One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
+        process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
+        run, ``"not started"``), ``step`` (the last learning-curve step measured, if any) and, when
+        done, ``test`` and ``validation``.
+    """
+    from .checkpoint import checkpoint_path, output_busy
+
+    out = []
+    for r in select(runs_of(name), only, name):
+        path = r.path(results)
+        row: dict[str, Any] = {"run": r, "state": "not started", "step": None}
+        if path.exists():
+            res = json.loads(path.read_text())
+            row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"))
+        else:
+            part = Path(f"{path}.partial")
+            if part.exists():
+                try:
+                    curve = json.loads(part.read_text()).get("curve") or []
+                    row["step"] = curve[-1]["step"] if curve else None
+                except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                    pass
+            if output_busy(str(path)):
+                row["state"] = "running"
+            elif part.exists() or checkpoint_path(str(path)).exists():
+                row["state"] = "stopped"
+        out.append(row)
+    return out
+
+
+def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any = print) -> None:
+    """``vectorfit bench --status``: one line per run of the suite (see :func:`status`)."""
+    rows = status(name, results, only)
+    counts = {k: sum(r["state"] == k for r in rows) for k in ("done", "running", "stopped", "not started")}
+    log(f"[bench] suite {name}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; results in {results}")
+    for row in rows:
+        r = row["run"]
+        where = f"step {row['step']}" if row["step"] is not None else ""
+        score = (f"test {row['test']:.4f} (val {row['validation']:.4f})"
+                 if row["state"] == "done" and row.get("test") is not None else "")
+        log(f"  {row['state']:<11} {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
+
+
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,
               jobs: int = 1, threads: Optional[int] = None, only: Optional[dict] = None) -> int:
     """Run the missing runs of a suite. Returns the number of failed runs.

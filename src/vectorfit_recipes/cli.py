@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                     f"here {_repo_path('benchmarks/results')}; a path you give is taken from the current folder)")
     p_bench.add_argument("--results", default=None, help=results_help)
     p_bench.add_argument("--dry-run", action="store_true", help="list the missing runs' commands, run nothing")
+    p_bench.add_argument("--status", action="store_true",
+                         help="list every run of the suite as done (with its test and validation metric), running "
+                              "(another process trains it), stopped (resumes from its checkpoint) or not started, "
+                              "with the last learning-curve step reached; run nothing")
     p_bench.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
     p_bench.add_argument("--methods", default=None, metavar="M1,M2",
                          help="only the suite's runs of these methods, in the suite's order (e.g. to run the methods "
@@ -390,6 +394,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             results = Path(ns.results) if ns.results else _repo_path("benchmarks/results")
             only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds") if getattr(ns, k)}
+            if ns.status:
+                from .bench import print_status
+
+                print_status(ns.suite, results, only)
+                return 0
             return 1 if run_suite(ns.suite, results, dry_run=ns.dry_run, limit=ns.limit,
                                   jobs=ns.jobs, threads=ns.threads, only=only) else 0
         if ns.command == "report":
