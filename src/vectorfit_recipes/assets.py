@@ -215,11 +215,11 @@ def _smollm2_extract(paths: Sequence[Path], dest: Path) -> None:
     -> de-quantised by ``transformers`` (needs the ``gguf`` package) to an fp32 ``LlamaForCausalLM``
     -> an ordinary Hugging Face folder ``model/`` (config, safetensors, tokenizer with its chat
     template), so later loads take seconds instead of the ~15 s de-quantisation."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:  # transformers imports it itself, lazily
         raise AssetExtractError("the smollm2 asset needs the `gguf` package to de-quantise its GGUF file: "
-                                "pip install 'gguf>=0.10' (or the project's [recipes] extra)") from None
+                                "pip install 'gguf>=0.10' (or the project's [recipes] extra)")
     import torch
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
