@@ -236,7 +236,8 @@ def test_report_shows_unfinished_curves_once_under_the_first_suite_that_runs_the
         "config": {"epochs": 1}}))
     text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
     assert "## Suite `curves-rates`" in text and "## Suite `curves`" not in text
-    assert "| LoRA r=1 (unfinished: 1 run(s), at step 4 so far) | 0.001 | 1 | 60.00 (n=1) | 70.00 (n=1) | 4 |" in text
+    # no "99% of own best" step for a curve that is still going (its best so far is not its best)
+    assert "| LoRA r=1 (unfinished: 1 run(s), at step 4 so far) | 0.001 | 1 | 60.00 (n=1) | 70.00 (n=1) |  |" in text
 
 
 def test_report_does_not_repeat_a_suite_whose_finished_runs_were_all_shown_above(tmp_path, monkeypatch):
@@ -265,3 +266,31 @@ def test_report_does_not_repeat_a_suite_whose_finished_runs_were_all_shown_above
     write(seed1)
     text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
     assert "## Suite `curves-rates`" in text and "## Suite `curves`" in text
+
+
+def test_curve_differences_are_paired_by_seed_at_the_chosen_rates():
+    from vectorfit_recipes import report_curves as rc
+
+    results = [
+        _curve_result("vectorfit", 0.001, 0, {64: 0.70, 128: 0.80}),
+        _curve_result("vectorfit", 0.001, 1, {64: 0.60, 128: 0.84}),
+        _curve_result("vectorfit", 0.003, 0, {64: 0.50, 128: 0.50}),  # not chosen: never compared
+        _curve_result("lora_r1", 0.001, 1, {64: 0.65, 128: 0.80}),     # seed order differs from VectorFit's
+        _curve_result("lora_r1", 0.001, 0, {64: 0.72, 128: 0.79}),
+        _curve_result("lora_r1", 0.001, 2, {64: 0.99, 128: 0.99}),     # no VectorFit seed 2: left out
+    ]
+    groups = rc.curve_groups(results, "curves-rates")
+    paired = rc.curve_paired(groups)
+    assert set(paired) == {("movie", "minilm", "lora_r1")}
+    rows = paired[("movie", "minilm", "lora_r1")]
+    # test = validation - 0.01 for both, so the test differences are the validation ones:
+    # step 64: seed 0 0.70-0.72 = -0.02, seed 1 0.60-0.65 = -0.05; step 128: +0.01, +0.04
+    assert rows[64]["n"] == 2 and rows[64]["wins"] == 0
+    assert rows[64]["mean"] == pytest.approx(-0.035) and rows[64]["std"] == pytest.approx(0.03 / 2 ** 0.5)
+    assert rows[128]["mean"] == pytest.approx(0.025) and rows[128]["wins"] == 2
+    text = "\n".join(rc.curve_tables(results, "curves-rates"))
+    assert "VectorFit minus each method at its chosen rate, paired by seed" in text
+    assert "| LoRA r=1 | -3.50 ± 2.12 (0/2) | +2.50 ± 2.12 (2/2) |" in text
+    # one shared seed: no paired table (the per-method tables already show the difference)
+    single = rc.curve_tables([results[0], results[4]], "curves-rates")
+    assert not any("paired by seed" in line for line in single)

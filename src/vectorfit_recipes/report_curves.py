@@ -22,7 +22,7 @@ def _method_key(m: str) -> tuple:
     base = m.split("+")[0]
     return (ORDER.index(base) if base in ORDER else len(ORDER), m)
 
-__all__ = ["curve_groups", "curve_tables", "plot_curves", "choose_rates", "load_partials"]
+__all__ = ["curve_groups", "curve_tables", "curve_paired", "plot_curves", "choose_rates", "load_partials"]
 
 
 def _label(key: str) -> str:
@@ -120,6 +120,55 @@ def choose_rates(groups: dict[tuple, dict]) -> dict[tuple, float]:
     return out
 
 
+def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit",
+                 split: str = "test") -> dict[tuple, dict[int, dict]]:
+    """(task, model, method) -> {step: the reference's metric minus the method's, paired by seed}.
+
+    Each method at its chosen rate (:func:`choose_rates`); only seeds both ran and steps both
+    reached. A run of seed s sees the same data order and head initialisation whatever the method,
+    so the per-seed difference removes what the seeds do to both alike. Values: ``mean``, ``std``
+    (metric units), ``wins`` (seeds where the reference is strictly better) and ``n``.
+    """
+    chosen = choose_rates(groups)
+    out: dict[tuple, dict[int, dict]] = {}
+    for (task, model, method), lr in chosen.items():
+        ref_lr = chosen.get((task, model, reference))
+        if method == reference or ref_lr is None:
+            continue
+        ref, other = groups[(task, model, reference, ref_lr)], groups[(task, model, method, lr)]
+        rows: dict[int, dict] = {}
+        for step in sorted(set(ref["steps"]) & set(other["steps"])):
+            by_seed = dict(zip(ref["seeds"], ref[split][step]))
+            diffs = [by_seed[sd] - v for sd, v in zip(other["seeds"], other[split][step]) if sd in by_seed]
+            if diffs:
+                mean = statistics.fmean(diffs)
+                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                rows[step] = {"mean": mean, "std": std, "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+        if rows:
+            out[(task, model, method)] = rows
+    return out
+
+
+def _paired_lines(groups: dict[tuple, dict], task: str, model: str, reference: str = "vectorfit") -> list[str]:
+    """The paired table of one task, shown once some method shares two or more seeds with the reference."""
+    paired = {k: v for k, v in curve_paired(groups, reference).items() if k[:2] == (task, model)}
+    if not any(d["n"] > 1 for rows in paired.values() for d in rows.values()):
+        return []  # one seed: the difference is already in the tables above
+    steps = sorted({s for rows in paired.values() for s in rows})
+    ref = _label(reference)
+    lines = [f"#### {task} ({model}): {ref} minus each method at its chosen rate, paired by seed "
+             f"(test × 100; positive = {ref} better; in brackets: seeds won / seeds)", "",
+             "| method | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for key in sorted(paired, key=lambda k: _method_key(k[2])):
+        cells = []
+        for s in steps:
+            d = paired[key].get(s)
+            cells.append("" if d is None else f"{100 * d['mean']:+.2f}"
+                         + (f" ± {100 * d['std']:.2f}" if d["n"] > 1 else "") + f" ({d['wins']}/{d['n']})")
+        lines.append(f"| {_label(key[2])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def curve_tables(results: list[dict], suite: str) -> list[str]:
     groups = curve_groups(results, suite)
     if not groups:
@@ -143,12 +192,14 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                     ok = s in g["steps"]
                     cells.append(_fmt(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0,
                                       len(vals)) if ok else "")
-                reach = first_step_within(g, split=split)
+                # an unfinished curve's best so far is not its best: no "99% of best" for it yet
+                reach = None if g.get("partial_at") else first_step_within(g, split=split)
                 if g.get("partial_at"):
                     mark += f" (unfinished: {len(g['partial_at'])} run(s), at step {max(g['partial_at'])} so far)"
                 lines.append(f"| {_label(k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
                              + f" | {reach if reach is not None else ''} |")
             lines.append("")
+        lines += _paired_lines(groups, task, model)
     return lines
 
 
