@@ -294,3 +294,39 @@ def test_curve_differences_are_paired_by_seed_at_the_chosen_rates():
     # one shared seed: no paired table (the per-method tables already show the difference)
     single = rc.curve_tables([results[0], results[4]], "curves-rates")
     assert not any("paired by seed" in line for line in single)
+
+
+def test_bench_stop_at_step_takes_every_run_that_far_and_a_later_bench_finishes_them(tmp_path, monkeypatch):
+    """Breadth first: `bench --stop-at-step 2` stops each run at step 2 with its checkpoint (a real
+    `vectorfit train` process), counts it as done at that step and skips it when asked again; a bench
+    without the flag then continues it to its full budget from the checkpoint."""
+    suite = {"tasks": ["movie"], "models": ["minilm"], "methods": ["no_avf"], "seeds": [0],
+             "settings": {"max_steps": 3, "max_train_examples": 16, "max_eval_examples": 8, "epochs": 1,
+                          "batch_size": 4, "eval_batch_size": 8, "max_len": 16, "eval_before": False,
+                          "eval_steps": "1,3", "select_on_validation": False}}
+    monkeypatch.setattr(bench, "suites", lambda: {"tiny": suite})
+    (run_,) = bench.runs_of("tiny")
+    out = run_.path(tmp_path)
+    lines: list[str] = []
+    assert bench.run_suite("tiny", tmp_path, log=lines.append, stop_at_step=2) == 0
+    assert not out.exists() and Path(f"{out}.ckpt").is_file() and not out.with_suffix(".log").exists()
+    partial = json.loads(Path(f"{out}.partial").read_text())
+    assert partial["stopped_at"] == 2 and [p["step"] for p in partial["curve"]] == [1]
+    assert bench.reached_step(out) == 2
+    assert [(r["state"], r["step"]) for r in bench.status("tiny", tmp_path)] == [("stopped", 2)]
+    lines.clear()
+    assert bench.run_suite("tiny", tmp_path, log=lines.append, stop_at_step=2) == 0  # nothing to do
+    assert "1 of 1 runs already done (1 of them only to step 2), 0 to go" in lines[0]
+    assert bench.run_suite("tiny", tmp_path, log=lines.append) == 0
+    res = json.loads(out.read_text())
+    assert res["steps"] == 3 and res["resumed_from"] == [2] and [p["step"] for p in res["curve"]] == [1, 3]
+    assert not Path(f"{out}.partial").exists() and not Path(f"{out}.ckpt").exists()
+
+
+def test_a_run_resumed_at_its_stop_step_trains_no_further(tmp_path):
+    out = tmp_path / "r.json"
+    cfg = TrainConfig(method="no_avf", max_steps=4, output=str(out), stop_at_step=2, **TINY)
+    first = run(cfg, log=_quiet)
+    again = run(cfg, log=_quiet)  # same stop: the checkpoint is at step 2 already
+    assert first["stopped_at"] == again["stopped_at"] == 2
+    assert json.loads(Path(f"{out}.partial").read_text())["stopped_at"] == 2

@@ -103,6 +103,18 @@ def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
     return keep
 
 
+def reached_step(path: Path) -> Optional[int]:
+    """The step an unfinished run has reached by its ``.partial`` file: where ``--stop-at-step``
+    stopped it, else its last learning-curve step (``None``: no readable partial)."""
+    part = Path(f"{path}.partial")
+    try:
+        d = json.loads(part.read_text())
+        steps = [p["step"] for p in d.get("curve") or []] + ([d["stopped_at"]] if d.get("stopped_at") else [])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return max(steps) if steps else None
+
+
 def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
     """Where each run of a suite stands, read from its files (nothing is run or changed).
 
@@ -122,16 +134,10 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
             res = json.loads(path.read_text())
             row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"))
         else:
-            part = Path(f"{path}.partial")
-            if part.exists():
-                try:
-                    curve = json.loads(part.read_text()).get("curve") or []
-                    row["step"] = curve[-1]["step"] if curve else None
-                except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                    pass
+            row["step"] = reached_step(path)
             if output_busy(str(path)):
                 row["state"] = "running"
-            elif part.exists() or checkpoint_path(str(path)).exists():
+            elif Path(f"{path}.partial").exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"
         out.append(row)
     return out
@@ -151,7 +157,8 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
 
 
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,
-              jobs: int = 1, threads: Optional[int] = None, only: Optional[dict] = None) -> int:
+              jobs: int = 1, threads: Optional[int] = None, only: Optional[dict] = None,
+              stop_at_step: Optional[int] = None) -> int:
     """Run the missing runs of a suite. Returns the number of failed runs.
 
     Args:
@@ -164,6 +171,10 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         threads: torch threads per run; none = 1 when ``jobs > 1``, else torch's default. Not part
             of a run's identity: it changes the speed, not the numbers.
         only: run only some of the suite's runs (:func:`select`), e.g. ``{"methods": ["vectorfit"]}``.
+        stop_at_step: take every run only this far (``vectorfit train --stop-at-step``; the checkpoint
+            stays, so a later bench without it continues each run to its full budget). Runs that have
+            reached the step already are skipped. Breadth first: every run of a suite to 1,024 steps
+            before any goes on to 2,048.
 
     A run that another process is training now (it holds the run's lock, see
     ``checkpoint.output_lock``) is skipped, so two benches over one results folder share the work.
@@ -176,13 +187,18 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         raise SystemExit(f"vectorfit bench: --jobs must be >= 1, got {jobs}")
     from .checkpoint import output_busy
 
+    if stop_at_step is not None and stop_at_step < 1:
+        raise SystemExit(f"vectorfit bench: --stop-at-step must be >= 1, got {stop_at_step}")
     runs = select(runs_of(name), only, name)
     todo = [r for r in runs if not r.path(results).exists()]
     busy = [r for r in todo if output_busy(str(r.path(results)))]
-    todo = [r for r in todo if r not in busy]
+    # with --stop-at-step N, an unfinished run that has reached step N counts as done for now
+    far = [r for r in todo if stop_at_step is not None and (reached_step(r.path(results)) or 0) >= stop_at_step]
+    todo = [r for r in todo if r not in busy and r not in far]
     scope = f"{name} ({'; '.join(f'{k} ' + ','.join(map(str, v)) for k, v in only.items())})" if only else name
-    log(f"[bench] suite {scope}: {len(runs) - len(todo) - len(busy)} of {len(runs)} runs already done, "
-        f"{len(todo)} to go; results in {results}")
+    log(f"[bench] suite {scope}: {len(runs) - len(todo) - len(busy)} of {len(runs)} runs already done"
+        + (f" ({len(far)} of them only to step {stop_at_step})" if far else "")
+        + f", {len(todo)} to go; results in {results}")
     for r in busy:
         log(f"[bench] skipping {r.task}/{r.method}/lr{r.lr:g}/seed{r.seed}: another process is training it")
     if limit is not None:
@@ -190,6 +206,8 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
     if threads is None and jobs > 1:
         threads = 1
     extra = ["--threads", str(threads)] if threads else []
+    if stop_at_step is not None:
+        extra += ["--stop-at-step", str(stop_at_step)]
     if dry_run:
         for r in todo:
             log("  vectorfit " + " ".join(r.argv(r.path(results)) + extra))
@@ -214,7 +232,12 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
             running.pop(i)
             f.close()
             out, log_path = r.path(results), r.path(results).with_suffix(".log")
-            if proc.returncode != 0 or not out.exists():
+            if proc.returncode == 0 and not out.exists() and stop_at_step is not None \
+                    and (reached_step(out) or 0) >= stop_at_step:
+                log_path.unlink()
+                tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: stopped at step "
+                           f"{reached_step(out)} as asked in {time.perf_counter() - t:.0f}s (checkpoint kept)")
+            elif proc.returncode != 0 or not out.exists():
                 failed += 1
                 tqdm.write(f"[bench] FAILED ({proc.returncode}) {r}; log: {log_path}")
             else:

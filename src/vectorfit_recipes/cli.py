@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--methods", default=None, metavar="M1,M2",
                          help="only the suite's runs of these methods, in the suite's order (e.g. to run the methods "
                               "that decide a question first); default: every method")
+    p_bench.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                         help="take every run only to step N, keeping its checkpoint (runs already there are "
+                              "skipped); a later bench without it continues each run to its full budget")
     p_bench.add_argument("--tasks", default=None, metavar="T1,T2", help="only the suite's runs on these tasks")
     p_bench.add_argument("--seeds", default=None, metavar="S1,S2", help="only the suite's runs with these seeds")
     p_bench.add_argument("--jobs", type=int, default=1,
@@ -400,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print_status(ns.suite, results, only)
                 return 0
             return 1 if run_suite(ns.suite, results, dry_run=ns.dry_run, limit=ns.limit,
-                                  jobs=ns.jobs, threads=ns.threads, only=only) else 0
+                                  jobs=ns.jobs, threads=ns.threads, only=only, stop_at_step=ns.stop_at_step) else 0
         if ns.command == "report":
             from pathlib import Path
 

@@ -333,6 +333,14 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
             return float("nan")  # only rank 0 evaluates (its numbers are the run's)
         return evaluate(model, split, metric, cfg.eval_batch_size, device, cfg.progress, desc)
 
+    def write_partial(**extra: Any) -> None:
+        """The curve so far beside the result (``X.partial``): a long run stopped early keeps it."""
+        if cfg.output:
+            _write_json(_partial_path(cfg.output), {
+                "partial": True, "task": cfg.task, "model": cfg.model, "method": cfg.method,
+                "seed": cfg.seed, "lr": lr, "metric": metric, "curve": st.curve,
+                "total_steps": data.total_steps, "config": run_info.jsonable(cfg), **extra})
+
     def keep() -> None:
         """Write the checkpoint; the optimisation time so far goes into it and the clock restarts
         after the write (writing is not training)."""
@@ -344,7 +352,8 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
 
     model.train()
     eval_s, t_train = 0.0, time.perf_counter()
-    stopped = False
+    # resumed at or past --stop-at-step: nothing to train in this invocation
+    stopped = cfg.stop_at_step is not None and cfg.stop_at_step <= st.step < data.total_steps
     bar = tqdm(total=data.total_steps, initial=st.step, desc=f"train {cfg.method}", disable=not cfg.progress,
                dynamic_ncols=True)
     while st.epoch <= data.epochs and not stopped:
@@ -376,17 +385,14 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                 eval_s += time.perf_counter() - t_ev
                 st.curve.append(point)
                 tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
-                if cfg.output:  # a long run stopped early still leaves its curve so far
-                    _write_json(_partial_path(cfg.output), {
-                        "partial": True, "task": cfg.task, "model": cfg.model, "method": cfg.method,
-                        "seed": cfg.seed, "lr": lr, "metric": metric, "curve": st.curve,
-                        "total_steps": data.total_steps, "config": run_info.jsonable(cfg)})
+                write_partial()
                 keep()
             if cfg.stop_at_step is not None and st.step >= cfg.stop_at_step and st.step < data.total_steps:
                 stopped = True
+                write_partial(stopped_at=st.step)
+                keep()
                 break
         if stopped:
-            keep()
             break
         if cfg.select_on_validation:
             t_ev = time.perf_counter()
