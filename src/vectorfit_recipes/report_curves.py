@@ -185,7 +185,11 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                       "|---|---|---|" + "---|" * (len(steps) + 1)]
             for k in keys:
                 g = groups[k]
-                mark = " **(chosen)**" if chosen.get(k[:3]) == k[3] and sum(kk[:3] == k[:3] for kk in keys) > 1 else ""
+                mark = ""
+                if chosen.get(k[:3]) == k[3] and sum(kk[:3] == k[:3] for kk in keys) > 1:
+                    # another rate still training may yet beat it
+                    pending = any(groups[kk].get("partial_at") for kk in keys if kk[:3] == k[:3])
+                    mark = " **(chosen so far)**" if pending else " **(chosen)**"
                 cells = []
                 for s in steps:
                     vals = g[split].get(s, [])
