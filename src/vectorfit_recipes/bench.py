@@ -30,6 +30,11 @@ class Run:
     lr: float
     settings: tuple  # sorted (flag, value) pairs
 
+    @property
+    def label(self) -> str:
+        """``task/method/lr/seed``, for progress lines."""
+        return f"{self.task}/{self.method}/lr{self.lr:g}/seed{self.seed}"
+
     def settings_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.settings).encode()).hexdigest()[:8]
 
@@ -106,9 +111,10 @@ def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
 def reached_step(path: Path) -> Optional[int]:
     """The step an unfinished run has reached by its ``.partial`` file: where ``--stop-at-step``
     stopped it, else its last learning-curve step (``None``: no readable partial)."""
-    part = Path(f"{path}.partial")
+    from .checkpoint import partial_path
+
     try:
-        d = json.loads(part.read_text())
+        d = json.loads(partial_path(str(path)).read_text())
         steps = [p["step"] for p in d.get("curve") or []] + ([d["stopped_at"]] if d.get("stopped_at") else [])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return None
@@ -124,7 +130,7 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
         run, ``"not started"``), ``step`` (the last learning-curve step measured, if any) and, when
         done, ``test`` and ``validation``.
     """
-    from .checkpoint import checkpoint_path, output_busy
+    from .checkpoint import checkpoint_path, output_busy, partial_path
 
     out = []
     for r in select(runs_of(name), only, name):
@@ -137,7 +143,7 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
             row["step"] = reached_step(path)
             if output_busy(str(path)):
                 row["state"] = "running"
-            elif Path(f"{path}.partial").exists() or checkpoint_path(str(path)).exists():
+            elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"
         out.append(row)
     return out
@@ -200,7 +206,7 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         + (f" ({len(far)} of them only to step {stop_at_step})" if far else "")
         + f", {len(todo)} to go; results in {results}")
     for r in busy:
-        log(f"[bench] skipping {r.task}/{r.method}/lr{r.lr:g}/seed{r.seed}: another process is training it")
+        log(f"[bench] skipping {r.label}: another process is training it")
     if limit is not None:
         todo = todo[:limit]
     if threads is None and jobs > 1:
@@ -232,11 +238,11 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
             running.pop(i)
             f.close()
             out, log_path = r.path(results), r.path(results).with_suffix(".log")
-            if proc.returncode == 0 and not out.exists() and stop_at_step is not None \
-                    and (reached_step(out) or 0) >= stop_at_step:
+            reached = reached_step(out) if stop_at_step is not None and not out.exists() else None
+            if proc.returncode == 0 and reached is not None and reached >= stop_at_step:
                 log_path.unlink()
                 tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: stopped at step "
-                           f"{reached_step(out)} as asked in {time.perf_counter() - t:.0f}s (checkpoint kept)")
+                           f"{reached} as asked in {time.perf_counter() - t:.0f}s (checkpoint kept)")
             elif proc.returncode != 0 or not out.exists():
                 failed += 1
                 tqdm.write(f"[bench] FAILED ({proc.returncode}) {r}; log: {log_path}")
@@ -260,10 +266,10 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
                 reap(block=True)
             out = r.path(results)
             if out.exists() or output_busy(str(out)):  # finished or started by another bench meanwhile
-                tqdm.write(f"[bench] skipping {r}: done or being trained by another process")
+                tqdm.write(f"[bench] skipping {r.label}: done or being trained by another process")
                 bar.update(1)
                 continue
-            bar.set_postfix_str(f"{r.task}/{r.method}/lr{r.lr:g}/s{r.seed}")
+            bar.set_postfix_str(r.label)
             out.parent.mkdir(parents=True, exist_ok=True)
             f = open(out.with_suffix(".log"), "w")
             proc = subprocess.Popen([sys.executable, "-m", "vectorfit_recipes", *r.argv(out), *extra],

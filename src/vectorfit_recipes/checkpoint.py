@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["LoopState", "checkpoint_path", "identity", "save", "load", "RESUME_UNSUPPORTED",
+__all__ = ["LoopState", "checkpoint_path", "partial_path", "identity", "save", "load", "RESUME_UNSUPPORTED",
            "OutputBusy", "output_lock", "output_busy"]
 
 FORMAT = 1
@@ -52,6 +52,11 @@ class LoopState:
 
 def checkpoint_path(output: str) -> Path:
     return Path(f"{output}.ckpt")
+
+
+def partial_path(output: str) -> Path:
+    """Where a run with ``--output X`` keeps its learning curve while it trains (``X.partial``)."""
+    return Path(f"{output}.partial")
 
 
 class OutputBusy(RuntimeError):

@@ -191,9 +191,21 @@ def paired_differences(agg: dict, suite: str, reference: str = "vectorfit") -> d
         ref = {r["seed"]: r["test"] for r in agg[ref_key]["runs"]}
         diffs = [ref[r["seed"]] - r["test"] for r in agg[key]["runs"] if r["seed"] in ref]
         if diffs:
-            mean, std = _mean_std(diffs)
-            out[(model, task, method)] = {"mean": mean, "std": std, "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+            out[(model, task, method)] = paired_stats(diffs)
     return out
+
+
+def paired_stats(diffs: list[float]) -> dict:
+    """``mean``, ``std``, ``n`` and ``wins`` (differences > 0) of per-seed differences."""
+    mean, std = _mean_std(diffs)
+    return {"mean": mean, "std": std, "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+
+
+def paired_cell(d: Optional[dict]) -> str:
+    """A table cell for :func:`paired_stats`: ``+1.23 ± 0.45 (2/3)`` (× 100; no spread for one seed)."""
+    if d is None:
+        return ""
+    return f"{100 * d['mean']:+.2f}" + (f" ± {100 * d['std']:.2f}" if d["n"] > 1 else "") + f" ({d['wins']}/{d['n']})"
 
 
 def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[str]:
@@ -208,11 +220,7 @@ def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[s
                   f"positive = {LABELS.get(reference, reference)} better; in brackets: seeds won / seeds)", "",
                   "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
         for m in methods:
-            cells = []
-            for t in tasks:
-                d = diffs.get((model, t, m))
-                cells.append("" if d is None else
-                             f"{100 * d['mean']:+.2f}" + (f" ± {100 * d['std']:.2f}" if d["n"] > 1 else "") + f" ({d['wins']}/{d['n']})")
+            cells = [paired_cell(diffs.get((model, t, m))) for t in tasks]
             lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

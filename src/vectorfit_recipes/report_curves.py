@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, ORDER, _fmt, as_fractions
+from .report import LABELS, ORDER, _fmt, as_fractions, paired_cell, paired_stats
 
 
 def _method_key(m: str) -> tuple:
@@ -36,11 +36,12 @@ def load_partials(root: Path, suite: str) -> list[dict]:
     import json
 
     from .bench import runs_of
+    from .checkpoint import partial_path
 
     out = []
     for run in runs_of(suite):
         final = run.path(Path(root))
-        part = Path(f"{final}.partial")
+        part = partial_path(str(final))
         if final.exists() or not part.exists():
             continue
         try:
@@ -141,9 +142,7 @@ def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit",
             by_seed = dict(zip(ref["seeds"], ref[split][step]))
             diffs = [by_seed[sd] - v for sd, v in zip(other["seeds"], other[split][step]) if sd in by_seed]
             if diffs:
-                mean = statistics.fmean(diffs)
-                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                rows[step] = {"mean": mean, "std": std, "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+                rows[step] = paired_stats(diffs)
         if rows:
             out[(task, model, method)] = rows
     return out
@@ -160,11 +159,7 @@ def _paired_lines(groups: dict[tuple, dict], task: str, model: str, reference: s
              f"(test × 100; positive = {ref} better; in brackets: seeds won / seeds)", "",
              "| method | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for key in sorted(paired, key=lambda k: _method_key(k[2])):
-        cells = []
-        for s in steps:
-            d = paired[key].get(s)
-            cells.append("" if d is None else f"{100 * d['mean']:+.2f}"
-                         + (f" ± {100 * d['std']:.2f}" if d["n"] > 1 else "") + f" ({d['wins']}/{d['n']})")
+        cells = [paired_cell(paired[key].get(s)) for s in steps]
         lines.append(f"| {_label(key[2])} | " + " | ".join(cells) + " |")
     return lines + [""]
 

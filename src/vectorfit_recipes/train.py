@@ -122,11 +122,6 @@ def evaluate(model: Any, enc: _Encoded, metric: str, batch_size: int, device: An
     return data_mod.compute_metric(metric, preds, enc.labels.tolist())
 
 
-def _partial_path(output: str) -> Path:
-    """Where a run with ``--output X`` keeps its learning curve while it trains (``X.partial``)."""
-    return Path(f"{output}.partial")
-
-
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -336,7 +331,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
     def write_partial(**extra: Any) -> None:
         """The curve so far beside the result (``X.partial``): a long run stopped early keeps it."""
         if cfg.output:
-            _write_json(_partial_path(cfg.output), {
+            _write_json(ckpt_mod.partial_path(cfg.output), {
                 "partial": True, "task": cfg.task, "model": cfg.model, "method": cfg.method,
                 "seed": cfg.seed, "lr": lr, "metric": metric, "curve": st.curve,
                 "total_steps": data.total_steps, "config": run_info.jsonable(cfg), **extra})
@@ -350,10 +345,13 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
             ckpt_mod.save(ckpt, cfg, st, model, optimizer, gen)
             t_train, eval_s = time.perf_counter(), 0.0
 
+    def at_stop() -> bool:
+        """--stop-at-step reached (and the run not finished): this invocation trains no further."""
+        return cfg.stop_at_step is not None and cfg.stop_at_step <= st.step < data.total_steps
+
     model.train()
     eval_s, t_train = 0.0, time.perf_counter()
-    # resumed at or past --stop-at-step: nothing to train in this invocation
-    stopped = cfg.stop_at_step is not None and cfg.stop_at_step <= st.step < data.total_steps
+    stopped = at_stop()  # resumed at or past the stop step: nothing to train
     bar = tqdm(total=data.total_steps, initial=st.step, desc=f"train {cfg.method}", disable=not cfg.progress,
                dynamic_ncols=True)
     while st.epoch <= data.epochs and not stopped:
@@ -387,7 +385,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                 tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
                 write_partial()
                 keep()
-            if cfg.stop_at_step is not None and st.step >= cfg.stop_at_step and st.step < data.total_steps:
+            if at_stop():
                 stopped = True
                 write_partial(stopped_at=st.step)
                 keep()
@@ -475,7 +473,7 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
             log("test ROUGE-1/2/L F1 x100 after fine-tuning: " + " / ".join(f"{r[k]:.2f}" for k in nlg.ROUGE_KEYS))
     if cfg.output:
         _write_json(Path(cfg.output), result)
-        _partial_path(cfg.output).unlink(missing_ok=True)
+        ckpt_mod.partial_path(cfg.output).unlink(missing_ok=True)
         ckpt_mod.checkpoint_path(cfg.output).unlink(missing_ok=True)
 
     if setup.test_before is not None:
