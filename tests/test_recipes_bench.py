@@ -221,3 +221,16 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     assert "0 done, 0 running, 1 stopped, 1 not started" in lines[0]
     assert lines[1].split()[:3] == ["stopped", "movie", first.method] and "step 128" in lines[1]
     assert not Path(f"{second.path(results)}.lock").exists()  # looking at a run does not make a lock file
+    # timed curve points: the time left is the steps left at the last interval's pace
+    # (64 -> 128 took 228 - 100 = 128 s, 2 s a step; 256 - 128 = 128 steps left -> 256 s)
+    Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
+        {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0},
+        {"step": 128, "train_seconds": 228.0}]}))
+    assert bench.training_left(out) == pytest.approx(256.0)
+    lines = []
+    bench.print_status("smoke", results, log=lines.append)
+    assert "step 128 " in lines[1] and lines[1].endswith(" ~4 min of training left")
+    # one timed point (or an untimed partial from before) gives no estimate rather than a wrong one
+    Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
+        {"step": 64}, {"step": 128, "train_seconds": 228.0}]}))
+    assert bench.training_left(out) is None and bench.status("smoke", results)[0]["left_s"] is None

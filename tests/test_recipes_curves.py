@@ -316,6 +316,7 @@ def test_bench_stop_at_step_takes_every_run_that_far_and_a_later_bench_finishes_
     assert not out.exists() and Path(f"{out}.ckpt").is_file() and not out.with_suffix(".log").exists()
     partial = json.loads(Path(f"{out}.partial").read_text())
     assert partial["stopped_at"] == 2 and [p["step"] for p in partial["curve"]] == [1]
+    assert partial["curve"][0]["train_seconds"] > 0  # the pace bench --status estimates from
     assert bench.reached_step(out) == 2
     assert [(r["state"], r["step"]) for r in bench.status("tiny", tmp_path)] == [("stopped", 2)]
     lines.clear()
@@ -324,6 +325,7 @@ def test_bench_stop_at_step_takes_every_run_that_far_and_a_later_bench_finishes_
     assert bench.run_suite("tiny", tmp_path, log=lines.append) == 0
     res = json.loads(out.read_text())
     assert res["steps"] == 3 and res["resumed_from"] == [2] and [p["step"] for p in res["curve"]] == [1, 3]
+    assert res["curve"][1]["train_seconds"] >= res["curve"][0]["train_seconds"]  # counted across the resume
     assert not Path(f"{out}.partial").exists() and not Path(f"{out}.ckpt").exists()
 
 

@@ -121,26 +121,45 @@ def reached_step(path: Path) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def training_left(path: Path) -> Optional[float]:
+    """Seconds of optimisation an unfinished run still needs, at the pace of its last curve interval
+    (the ``train_seconds`` of its last two ``.partial`` curve points; evaluation and start-up not
+    counted). ``None``: no partial, or fewer than two timed points."""
+    from .checkpoint import partial_path
+
+    try:
+        d = json.loads(partial_path(str(path)).read_text())
+        timed = [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
+        if len(timed) < 2:
+            return None
+        (a, b), total = timed[-2:], int(d["total_steps"])
+        pace = (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
+        return None
+    return max(total - b["step"], 0) * pace
+
+
 def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
     """Where each run of a suite stands, read from its files (nothing is run or changed).
 
     Returns:
         One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
         process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
-        run, ``"not started"``), ``step`` (the last learning-curve step measured, if any) and, when
-        done, ``test`` and ``validation``.
+        run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
+        ``left_s`` (an unfinished run's :func:`training_left`) and, when done, ``test`` and
+        ``validation``.
     """
     from .checkpoint import checkpoint_path, output_busy, partial_path
 
     out = []
     for r in select(runs_of(name), only, name):
         path = r.path(results)
-        row: dict[str, Any] = {"run": r, "state": "not started", "step": None}
+        row: dict[str, Any] = {"run": r, "state": "not started", "step": None, "left_s": None}
         if path.exists():
             res = json.loads(path.read_text())
             row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"))
         else:
-            row["step"] = reached_step(path)
+            row["step"], row["left_s"] = reached_step(path), training_left(path)
             if output_busy(str(path)):
                 row["state"] = "running"
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
@@ -159,6 +178,8 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
         where = f"step {row['step']}" if row["step"] is not None else ""
         score = (f"test {row['test']:.4f} (val {row['validation']:.4f})"
                  if row["state"] == "done" and row.get("test") is not None else "")
+        if row["left_s"] is not None:
+            score = f"~{row['left_s'] / 60:.0f} min of training left"
         log(f"  {row['state']:<11} {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
 
 
