@@ -139,6 +139,16 @@ def test_curve_tables_choose_rates_and_reach_steps_match_a_by_hand_computation(t
     assert chosen[("movie", "minilm", "vectorfit")] == 0.003  # the shorter curve may not compete
     text = "\n".join(rc.curve_tables(results, "curves-rates"))
     assert "| LoRA r=1 **(chosen)** | 0.001 | 2 | 71.00 ± 1.41 (n=2) | 81.00 ± 1.41 (n=2) | 85.00 ± 1.41 (n=2) | 256 |" in text
+    # the check on the choice: mean over the last 3 checkpoints; LoRA 0.001: (0.71 + 0.81 + 0.85) / 3 = 0.79,
+    # 0.002: (0.78 + 0.86 + 0.83) / 3 = 0.8233 -> the late mean prefers 0.002, the last step 0.001
+    assert rc.late_mean(g) == pytest.approx(0.79) and rc.late_mean(g, window=4) is None
+    assert "| LoRA r=1 | 0.001 | 85.00 | 79.00 | **chosen** |" in text and "| LoRA r=1 | 0.002 | 83.00 | 82.33 | |" in text
+    assert ("* LoRA r=1: the two readings disagree. The last step prefers 0.001 (85.00 against 83.00), the mean "
+            "of the last 3 checkpoints 0.002 (82.33 against 79.00)") in text
+    assert "| VectorFit | 0.003 |" not in text  # its other rate has not reached step 256: nothing to compare
+    agree = "\n".join(rc.curve_tables([results[4], _curve_result("vectorfit", 0.01, 0, {64: 0.5, 128: 0.6, 256: 0.7})],
+                                      "curves-rates"))
+    assert "| VectorFit | 0.003 | 75.00 | 69.67 | **chosen** |" in agree and "Both readings choose the same rate" in agree
     # a rate still training may beat the chosen one: the mark says so
     results[3] = {**results[3], "_partial": True}
     text = "\n".join(rc.curve_tables(results, "curves-rates"))

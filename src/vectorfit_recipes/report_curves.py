@@ -22,7 +22,8 @@ def _method_key(m: str) -> tuple:
     base = m.split("+")[0]
     return (ORDER.index(base) if base in ORDER else len(ORDER), m)
 
-__all__ = ["curve_groups", "curve_tables", "curve_paired", "plot_curves", "choose_rates", "load_partials"]
+__all__ = ["curve_groups", "curve_tables", "curve_paired", "plot_curves", "choose_rates", "late_mean",
+           "load_partials"]
 
 
 def _label(key: str) -> str:
@@ -121,6 +122,52 @@ def choose_rates(groups: dict[tuple, dict]) -> dict[tuple, float]:
     return out
 
 
+def late_mean(g: dict, window: int = 3, split: str = "validation") -> Optional[float]:
+    """Mean over seeds and over the last ``window`` checkpoints of a curve (``None`` if shorter).
+
+    A second reading of the rate choice: one checkpoint of one seed moves by 1-2 points between
+    neighbouring steps, so a rate that wins at the last step only may have won by noise."""
+    curve = _mean_curve(g, split)
+    return statistics.fmean(curve[-window:]) if len(curve) >= window else None
+
+
+def _rate_check_lines(groups: dict[tuple, dict], task: str, model: str, window: int = 3) -> list[str]:
+    """Each method's finished rates side by side: validation at the longest budget (the rule that
+    chooses) and its mean over the last ``window`` checkpoints (a check on it), with a line for every
+    method where the two pick different rates."""
+    chosen = choose_rates(groups)
+    rows, disagree = [], []
+    for (t, m, method), lr_chosen in sorted(chosen.items(), key=lambda kv: _method_key(kv[0][2])):
+        if (t, m) != (task, model):
+            continue
+        cands = [(k[3], g) for k, g in groups.items() if k[:3] == (t, m, method) and g["steps"]]
+        last = max(g["steps"][-1] for _, g in cands)
+        full = sorted((lr, g) for lr, g in cands if g["steps"][-1] == last and not g.get("partial_at"))
+        if len(full) < 2:
+            continue
+        late = {lr: late_mean(g, window) for lr, g in full}
+        for lr, g in full:
+            lm = late[lr]
+            rows.append(f"| {_label(method)} | {lr:g} | {100 * statistics.fmean(g['validation'][last]):.2f} | "
+                        + (f"{100 * lm:.2f}" if lm is not None else "") + " |"
+                        + (" **chosen** |" if lr == lr_chosen else " |"))
+        if all(v is not None for v in late.values()):
+            by_late = max(late, key=lambda lr: (late[lr], -lr))
+            if by_late != lr_chosen:
+                at = {lr: statistics.fmean(g["validation"][last]) for lr, g in full}
+                disagree.append(f"* {_label(method)}: the two readings disagree. The last step prefers {lr_chosen:g} "
+                                f"({100 * at[lr_chosen]:.2f} against {100 * at[by_late]:.2f}), the mean of the last "
+                                f"{window} checkpoints {by_late:g} ({100 * late[by_late]:.2f} against "
+                                f"{100 * late[lr_chosen]:.2f}): the choice rests on one checkpoint.")
+    if not rows:
+        return []
+    return ([f"#### {task} ({model}): rate choice, validation × 100 at the longest budget and its mean over the "
+             f"last {window} checkpoints (a check on the choice)", "",
+             "| method | lr | at the longest budget | last-checkpoints mean | |", "|---|---|---|---|---|"]
+            + rows + [""] + (disagree + [""] if disagree else
+                             ["Both readings choose the same rate for every method with 2+ finished rates.", ""]))
+
+
 def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit",
                  split: str = "test") -> dict[tuple, dict[int, dict]]:
     """(task, model, method) -> {step: the reference's metric minus the method's, paired by seed}.
@@ -198,6 +245,7 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                 lines.append(f"| {_label(k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
                              + f" | {reach if reach is not None else ''} |")
             lines.append("")
+        lines += _rate_check_lines(groups, task, model)
         lines += _paired_lines(groups, task, model)
     return lines
 
