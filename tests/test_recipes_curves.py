@@ -154,6 +154,13 @@ def test_curve_tables_choose_rates_and_reach_steps_match_a_by_hand_computation(t
     text = "\n".join(rc.curve_tables(results, "curves-rates"))
     assert "| VectorFit **(chosen so far)** | 0.003 |" in text and "| LoRA r=1 **(chosen)** | 0.001 |" in text
     assert rc.plot_curves(results, "curves-rates", tmp_path).is_file()
+    # a rate sweep is drawn a panel per method (VectorFit first), a one-rate-per-method suite in one panel
+    panels = rc._panels(rc.curve_groups(results, "curves-rates"), "movie")
+    assert [[(k[2], k[3]) for k in p] for p in panels] == [[("vectorfit", 0.001), ("vectorfit", 0.003)],
+                                                         [("lora_r1", 0.001), ("lora_r1", 0.002)]]
+    one_rate = [results[0], results[1], results[4]]
+    assert [len(p) for p in rc._panels(rc.curve_groups(one_rate, "curves-rates"), "movie")] == [2]
+    assert rc.plot_curves(one_rate, "curves-rates", tmp_path).is_file()
 
 
 def test_bias_rate_scale_reaches_the_optimizer_and_changes_only_the_biases():

@@ -250,8 +250,33 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
     return lines
 
 
-def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test") -> Optional[Path]:
-    """One panel per task: metric vs. optimizer steps (log x); line = mean over seeds, band = min..max."""
+def _draw(ax, g: dict, split: str, label: str, color, style: str = "-", lw: float = 1.4) -> None:
+    """One curve: the mean over seeds, and the min..max band when there are several seeds."""
+    ax.plot(g["steps"], [100 * y for y in _mean_curve(g, split)], linestyle=style, color=color, marker="o", ms=3,
+            label=f"{label} (n={len(g['seeds'])})", lw=lw)
+    if len(g["seeds"]) > 1:
+        lo = [100 * min(g[split][s]) for s in g["steps"]]
+        hi = [100 * max(g[split][s]) for s in g["steps"]]
+        ax.fill_between(g["steps"], lo, hi, color=color, alpha=0.12)
+
+
+def _panels(groups: dict[tuple, dict], task: str) -> list[list[tuple]]:
+    """The keys drawn in each panel of a task's row. One panel for all methods when each has one rate
+    (the curves suite); a panel per method when some method has several (a rate sweep: a dozen curves
+    in one panel cannot be read)."""
+    keys = sorted((k for k in groups if k[0] == task and groups[k]["steps"]), key=lambda k: (_method_key(k[2]), k[3]))
+    methods = sorted({k[2] for k in keys}, key=_method_key)
+    if all(sum(k[2] == m for k in keys) == 1 for m in methods):
+        return [keys]
+    return [[k for k in keys if k[2] == m] for m in methods]
+
+
+def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test", wrap: int = 3) -> Optional[Path]:
+    """Metric vs. optimizer steps (log x); line = mean over seeds, band = min..max over seeds.
+
+    One panel per task when each method has one rate. In a rate sweep each method gets its own panel
+    with all its rates (the chosen one bold) and VectorFit's chosen curve in grey for reference,
+    ``wrap`` panels to a row, a task's panels starting on a new row, one y scale per task."""
     groups = curve_groups(results, suite)
     if not groups:
         return None
@@ -261,34 +286,63 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test")
     import matplotlib.pyplot as plt
 
     tasks = sorted({k[0] for k in groups})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
+    layout = {t: _panels(groups, t) for t in tasks}
+    single = all(len(p) == 1 for p in layout.values())
+    ncols = len(tasks) if single else min(wrap, max(len(p) for p in layout.values()))
+    # grid cells (row, col) of each task's panels
+    cells: list[tuple[str, list[tuple], int, int]] = []
+    row = 0
+    for t in tasks:
+        for i, keys in enumerate(layout[t]):
+            cells.append((t, keys, 0 if single else row + i // ncols, tasks.index(t) if single else i % ncols))
+        row += 0 if single else -(-len(layout[t]) // ncols)
+    nrows = 1 if single else row
+    fig, axes = plt.subplots(nrows, ncols, figsize=((6.2 if single else 4.6) * ncols, 4.2 * nrows), squeeze=False)
     methods = sorted({k[2] for k in groups}, key=_method_key)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    for ax, task in zip(axes[0], tasks):
-        keys = sorted((k for k in groups if k[0] == task), key=lambda k: (_method_key(k[2]), k[3]))
-        rates: dict[str, list[float]] = defaultdict(list)
+    chosen = choose_rates(groups)
+    metric = next(iter(groups.values()))["metric"]
+    used = set()
+    for task, keys, r, c in cells:
+        ax = axes[r][c]
+        used.add((r, c))
+        lrs = sorted(k[3] for k in keys)
         for k in keys:
-            rates[k[2]].append(k[3])
-        for k in keys:
-            g = groups[k]
-            if not g["steps"]:
-                continue
-            lrs = sorted(rates[k[2]])
-            style = ("-", "--", ":", "-.")[lrs.index(k[3]) % 4] if len(lrs) > 1 else "-"
-            ys = [100 * y for y in _mean_curve(g, split)]
-            label = _label(k[2]) + (f" lr {k[3]:g}" if len(lrs) > 1 else "") + f" (n={len(g['seeds'])})"
-            ax.plot(g["steps"], ys, style, color=colors[k[2]], marker="o", ms=3, label=label,
-                    lw=2.2 if k[2] == "vectorfit" else 1.4)
-            if len(g["seeds"]) > 1:
-                lo = [100 * min(g[split][s]) for s in g["steps"]]
-                hi = [100 * max(g[split][s]) for s in g["steps"]]
-                ax.fill_between(g["steps"], lo, hi, color=colors[k[2]], alpha=0.12)
+            is_chosen = chosen.get(k[:3]) == k[3]
+            if single:
+                _draw(ax, groups[k], split, _label(k[2]), colors[k[2]], lw=2.2 if k[2] == "vectorfit" else 1.4)
+            else:
+                is_chosen = is_chosen and len(lrs) > 1
+                style = "-" if is_chosen or len(lrs) == 1 else ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))[lrs.index(k[3]) % 4]
+                pending = any(groups[kk].get("partial_at") for kk in keys if kk != k)  # may yet beat it
+                note = ((" (chosen so far)" if pending else " (chosen)") if is_chosen
+                        else " (unfinished)" if groups[k].get("partial_at") else "")
+                _draw(ax, groups[k], split, f"lr {k[3]:g}{note}", colors[k[2]], style, lw=2.2 if is_chosen else 1.2)
+        if single:
+            ax.set_title(f"{task}: learning curves — suite '{suite}'", fontsize=10)
+        else:
+            ref_lr = chosen.get((task, keys[0][1], "vectorfit"))
+            ref = groups.get((task, keys[0][1], "vectorfit", ref_lr)) if ref_lr is not None else None
+            if ref is not None and keys[0][2] != "vectorfit":
+                _draw(ax, ref, split, f"VectorFit lr {ref_lr:g}", "0.6", "-", lw=1.0)
+            ax.set_title(f"{task}: {_label(keys[0][2])}", fontsize=10)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("optimizer steps (batch 32; log scale)")
-        ax.set_ylabel(f"{split} {groups[keys[0]]['metric']} × 100")
-        ax.set_title(f"{task}: learning curves — suite '{suite}'", fontsize=10)
+        ax.set_ylabel(f"{split} {metric} × 100")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2 if single else 1, loc="lower right")
+    if not single:  # one y scale per task, so that panels compare at a glance
+        for task in tasks:
+            task_axes = [axes[r][c] for t, _, r, c in cells if t == task]
+            lo = min(a.get_ylim()[0] for a in task_axes)
+            hi = max(a.get_ylim()[1] for a in task_axes)
+            for a in task_axes:
+                a.set_ylim(lo, hi)
+        fig.suptitle(f"suite '{suite}': each method at each rate (grey: VectorFit at its chosen rate)", fontsize=11)
+    for r in range(nrows):
+        for c in range(ncols):
+            if (r, c) not in used:
+                axes[r][c].set_visible(False)
     fig.tight_layout()
     path = out / f"{suite}_curves_{split}.png"
     fig.savefig(path, dpi=130)
