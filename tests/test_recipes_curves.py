@@ -149,6 +149,8 @@ def test_curve_tables_choose_rates_and_reach_steps_match_a_by_hand_computation(t
     agree = "\n".join(rc.curve_tables([results[4], _curve_result("vectorfit", 0.01, 0, {64: 0.5, 128: 0.6, 256: 0.7})],
                                       "curves-rates"))
     assert "| VectorFit | 0.003 | 75.00 | 69.67 | **chosen** |" in agree and "Both readings choose the same rate" in agree
+    pending = results + [{**_curve_result("lora_r1", 0.0005, 0, {64: 0.5}), "_partial": True}]
+    assert "| LoRA r=1 | 0.001 | 85.00 | 79.00 | **chosen so far** |" in "\n".join(rc.curve_tables(pending, "curves-rates"))
     # a rate still training may beat the chosen one: the mark says so
     results[3] = {**results[3], "_partial": True}
     text = "\n".join(rc.curve_tables(results, "curves-rates"))

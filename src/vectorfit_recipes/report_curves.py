@@ -146,11 +146,12 @@ def _rate_check_lines(groups: dict[tuple, dict], task: str, model: str, window: 
         if len(full) < 2:
             continue
         late = {lr: late_mean(g, window) for lr, g in full}
+        mark = " **chosen so far** |" if any(g.get("partial_at") for _, g in cands) else " **chosen** |"
         for lr, g in full:
             lm = late[lr]
             rows.append(f"| {_label(method)} | {lr:g} | {100 * statistics.fmean(g['validation'][last]):.2f} | "
                         + (f"{100 * lm:.2f}" if lm is not None else "") + " |"
-                        + (" **chosen** |" if lr == lr_chosen else " |"))
+                        + (mark if lr == lr_chosen else " |"))
         if all(v is not None for v in late.values()):
             by_late = max(late, key=lambda lr: (late[lr], -lr))
             if by_late != lr_chosen:
