@@ -108,35 +108,48 @@ def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
     return keep
 
 
-def reached_step(path: Path) -> Optional[int]:
-    """The step an unfinished run has reached by its ``.partial`` file: where ``--stop-at-step``
-    stopped it, else its last learning-curve step (``None``: no readable partial)."""
+def _partial(path: Path) -> Optional[dict]:
+    """An unfinished run's ``.partial`` file (``None``: missing or unreadable)."""
     from .checkpoint import partial_path
 
     try:
         d = json.loads(partial_path(str(path)).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _reached(d: Optional[dict]) -> Optional[int]:
+    try:
         steps = [p["step"] for p in d.get("curve") or []] + ([d["stopped_at"]] if d.get("stopped_at") else [])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
     return max(steps) if steps else None
+
+
+def _left(d: Optional[dict]) -> Optional[float]:
+    try:
+        timed = [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
+        if len(timed) < 2:
+            return None
+        (a, b), total = timed[-2:], int(d["total_steps"])
+        pace = (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
+    except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
+        return None
+    return max(total - b["step"], 0) * pace
+
+
+def reached_step(path: Path) -> Optional[int]:
+    """The step an unfinished run has reached by its ``.partial`` file: where ``--stop-at-step``
+    stopped it, else its last learning-curve step (``None``: no readable partial)."""
+    return _reached(_partial(path))
 
 
 def training_left(path: Path) -> Optional[float]:
     """Seconds of optimisation an unfinished run still needs, at the pace of its last curve interval
     (the ``train_seconds`` of its last two ``.partial`` curve points; evaluation and start-up not
     counted). ``None``: no partial, or fewer than two timed points."""
-    from .checkpoint import partial_path
-
-    try:
-        d = json.loads(partial_path(str(path)).read_text())
-        timed = [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
-        if len(timed) < 2:
-            return None
-        (a, b), total = timed[-2:], int(d["total_steps"])
-        pace = (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
-        return None
-    return max(total - b["step"], 0) * pace
+    return _left(_partial(path))
 
 
 def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
@@ -159,7 +172,8 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
             res = json.loads(path.read_text())
             row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"))
         else:
-            row["step"], row["left_s"] = reached_step(path), training_left(path)
+            part = _partial(path)  # read once for both
+            row["step"], row["left_s"] = _reached(part), _left(part)
             if output_busy(str(path)):
                 row["state"] = "running"
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():

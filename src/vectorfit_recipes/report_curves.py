@@ -122,6 +122,11 @@ def choose_rates(groups: dict[tuple, dict]) -> dict[tuple, float]:
     return out
 
 
+def _still_training(groups: dict[tuple, dict], method: tuple) -> bool:
+    """Whether a rate of ``(task, model, method)`` is unfinished: its chosen rate is 'so far'."""
+    return any(g.get("partial_at") for k, g in groups.items() if k[:3] == method)
+
+
 def late_mean(g: dict, window: int = 3, split: str = "validation") -> Optional[float]:
     """Mean over seeds and over the last ``window`` checkpoints of a curve (``None`` if shorter).
 
@@ -146,16 +151,16 @@ def _rate_check_lines(groups: dict[tuple, dict], task: str, model: str, window: 
         if len(full) < 2:
             continue
         late = {lr: late_mean(g, window) for lr, g in full}
-        mark = " **chosen so far** |" if any(g.get("partial_at") for _, g in cands) else " **chosen** |"
+        at = {lr: statistics.fmean(g["validation"][last]) for lr, g in full}
+        mark = " **chosen so far** |" if _still_training(groups, (t, m, method)) else " **chosen** |"
         for lr, g in full:
             lm = late[lr]
-            rows.append(f"| {_label(method)} | {lr:g} | {100 * statistics.fmean(g['validation'][last]):.2f} | "
+            rows.append(f"| {_label(method)} | {lr:g} | {100 * at[lr]:.2f} | "
                         + (f"{100 * lm:.2f}" if lm is not None else "") + " |"
                         + (mark if lr == lr_chosen else " |"))
         if all(v is not None for v in late.values()):
             by_late = max(late, key=lambda lr: (late[lr], -lr))
             if by_late != lr_chosen:
-                at = {lr: statistics.fmean(g["validation"][last]) for lr, g in full}
                 disagree.append(f"* {_label(method)}: the two readings disagree. The last step prefers {lr_chosen:g} "
                                 f"({100 * at[lr_chosen]:.2f} against {100 * at[by_late]:.2f}), the mean of the last "
                                 f"{window} checkpoints {by_late:g} ({100 * late[by_late]:.2f} against "
@@ -231,8 +236,7 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                 mark = ""
                 if chosen.get(k[:3]) == k[3] and sum(kk[:3] == k[:3] for kk in keys) > 1:
                     # another rate still training may yet beat it
-                    pending = any(groups[kk].get("partial_at") for kk in keys if kk[:3] == k[:3])
-                    mark = " **(chosen so far)**" if pending else " **(chosen)**"
+                    mark = " **(chosen so far)**" if _still_training(groups, k[:3]) else " **(chosen)**"
                 cells = []
                 for s in steps:
                     vals = g[split].get(s, [])
@@ -309,14 +313,12 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test",
         used.add((r, c))
         lrs = sorted(k[3] for k in keys)
         for k in keys:
-            is_chosen = chosen.get(k[:3]) == k[3]
             if single:
                 _draw(ax, groups[k], split, _label(k[2]), colors[k[2]], lw=2.2 if k[2] == "vectorfit" else 1.4)
             else:
-                is_chosen = is_chosen and len(lrs) > 1
+                is_chosen = chosen.get(k[:3]) == k[3] and len(lrs) > 1
                 style = "-" if is_chosen or len(lrs) == 1 else ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))[lrs.index(k[3]) % 4]
-                pending = any(groups[kk].get("partial_at") for kk in keys if kk != k)  # may yet beat it
-                note = ((" (chosen so far)" if pending else " (chosen)") if is_chosen
+                note = ((" (chosen so far)" if _still_training(groups, k[:3]) else " (chosen)") if is_chosen
                         else " (unfinished)" if groups[k].get("partial_at") else "")
                 _draw(ax, groups[k], split, f"lr {k[3]:g}{note}", colors[k[2]], style, lw=2.2 if is_chosen else 1.2)
         if single:
