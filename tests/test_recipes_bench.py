@@ -185,6 +185,13 @@ def test_bench_filters_keep_the_suite_order_and_name_what_a_suite_lacks():
         bench.select(runs, {"methods": ["lora_r1", "lora_r2"]}, "curves-rates")
     with pytest.raises(SystemExit, match="has no seeds 5"):
         bench.select(runs, {"seeds": ["5"]}, "curves-rates")
+    # rates compare as numbers: 3e-3 is the suite's 0.003, and 2.5e-4 its 0.00025
+    vf = bench.select(runs, {"methods": ["vectorfit"], "lrs": ["3e-3", " 2.5e-4"]}, "curves-rates")
+    assert [r.lr for r in vf] == [0.003] and [r.lr for r in bench.select(runs, {"lrs": ["2.5e-4"]}, "x")] == [0.00025]
+    with pytest.raises(SystemExit, match="has no lrs 0.007"):
+        bench.select(runs, {"lrs": ["7e-3"]}, "curves-rates")
+    with pytest.raises(SystemExit, match="--lrs takes learning rates"):
+        bench.select(runs, {"lrs": ["fast"]}, "curves-rates")
 
 
 def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(tmp_path, capsys):

@@ -89,15 +89,18 @@ def runs_of(name: str) -> list[Run]:
 
 
 def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
-    """The runs whose method, task and seed are among ``only``'s (e.g. ``{"methods": ["vectorfit"]}``);
-    order kept. A value the suite does not have is an error that lists the ones it has."""
+    """The runs whose method, task, seed and rate are among ``only``'s (e.g. ``{"methods": ["vectorfit"],
+    "lrs": ["3e-3"]}``); order kept. A value the suite does not have is an error that lists the ones it has.
+    Rates compare as numbers, so ``3e-3`` and ``0.003`` are the same rate."""
     if not only:
         return runs
-    fields = {"methods": "method", "tasks": "task", "seeds": "seed"}
+    fields = {"methods": "method", "tasks": "task", "seeds": "seed", "lrs": "lr"}
     keep = runs
     for key, values in only.items():
         if key not in fields:
             raise SystemExit(f"vectorfit bench: unknown filter {key!r}; use one of {', '.join(fields)}")
+        if key == "lrs":
+            values = [_rate(v) for v in values]
         have = sorted({str(getattr(r, fields[key])) for r in runs})
         wanted = {str(v).strip() for v in values}
         unknown = sorted(wanted - set(have))
@@ -106,6 +109,14 @@ def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
                              f"its {key}: {', '.join(have)}")
         keep = [r for r in keep if str(getattr(r, fields[key])) in wanted]
     return keep
+
+
+def _rate(text) -> float:
+    """``--lrs``' value as the float a suite's run carries (``"3e-3"`` -> ``0.003``)."""
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise SystemExit(f"vectorfit bench: --lrs takes learning rates such as 3e-3, got {text!r}") from None
 
 
 def _partial(path: Path) -> Optional[dict]:

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "skipped); a later bench without it continues each run to its full budget")
     p_bench.add_argument("--tasks", default=None, metavar="T1,T2", help="only the suite's runs on these tasks")
     p_bench.add_argument("--seeds", default=None, metavar="S1,S2", help="only the suite's runs with these seeds")
+    p_bench.add_argument("--lrs", default=None, metavar="LR1,LR2",
+                         help="only the suite's runs at these learning rates (e.g. 3e-3 to run a method's chosen "
+                              "rate's seeds before its other rates)")
     p_bench.add_argument("--jobs", type=int, default=1,
                          help="runs at once, each in its own process (default: %(default)s); 2 on a 2-core machine")
     p_bench.add_argument("--threads", type=int, default=None,
@@ -397,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .bench import run_suite
 
             results = Path(ns.results) if ns.results else _repo_path("benchmarks/results")
-            only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds") if getattr(ns, k)}
+            only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds", "lrs") if getattr(ns, k)}
             if ns.status:
                 from .bench import print_status
 
