@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,14 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     lines = []
     bench.print_status("smoke", results, log=lines.append)
     assert "step 128 " in lines[1] and lines[1].endswith(" ~4 min of training left")
+    # a running run has trained on since its last point was written (100 s ago here): 256 - 100 s left;
+    # a stopped one has not, so its estimate stays
+    then = time.time() - 100.0
+    os.utime(f"{out}.partial", (then, then))
+    with checkpoint.output_lock(str(out)):
+        row = bench.status("smoke", results)[0]
+    assert row["state"] == "running" and row["left_s"] == pytest.approx(156.0, abs=10.0)
+    assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(256.0)
     # one timed point (or an untimed partial from before) gives no estimate rather than a wrong one
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 64}, {"step": 128, "train_seconds": 228.0}]}))
