@@ -322,6 +322,49 @@ def test_curve_differences_are_paired_by_seed_at_the_chosen_rates():
     assert not any("paired by seed" in line for line in single)
 
 
+def test_a_suite_whose_rates_a_sweep_chose_marks_and_pairs_the_sweeps_choice(tmp_path):
+    """``curves`` keeps VectorFit's paper rate (1e-3, seed 0, finished) beside its chosen one (3e-3,
+    3 seeds, still at step 128). Choosing among its own runs would pick 1e-3, the only rate at the
+    longest step, and pair VectorFit's one seed with LoRA's three; the sweep's choice (3e-3) must
+    hold, and the pairing use 3e-3's seeds, on every task (the sweep ran movie only)."""
+    from vectorfit_recipes import report_curves as rc
+
+    def run(method, lr, seed, vals, suite="curves", task="movie"):
+        return {**_curve_result(method, lr, seed, vals), "_suite": suite, "task": task}
+
+    sweep = [run("vectorfit", 0.001, 0, {64: 0.70, 128: 0.75, 256: 0.80}, "curves-rates"),
+             run("vectorfit", 0.003, 0, {64: 0.72, 128: 0.78, 256: 0.82}, "curves-rates"),
+             run("lora_r1", 0.001, 0, {64: 0.74, 128: 0.80, 256: 0.83}, "curves-rates")]
+    curves = [run("vectorfit", 0.001, 0, {64: 0.70, 128: 0.75, 256: 0.80}),
+              run("vectorfit", 0.003, 0, {64: 0.72, 128: 0.78, 256: 0.82}),
+              {**run("vectorfit", 0.003, 1, {64: 0.70, 128: 0.90}), "_partial": True},
+              run("lora_r1", 0.001, 0, {64: 0.74, 128: 0.80, 256: 0.83}),
+              run("lora_r1", 0.001, 1, {64: 0.71, 128: 0.85, 256: 0.86}),
+              run("vectorfit", 0.001, 0, {64: 0.60, 128: 0.65}, task="tweets"),
+              run("vectorfit", 0.003, 0, {64: 0.61, 128: 0.66}, task="tweets"),
+              run("vectorfit", 0.003, 1, {64: 0.63, 128: 0.68}, task="tweets"),
+              run("lora_r1", 0.001, 1, {64: 0.62, 128: 0.64}, task="tweets")]
+    results = sweep + curves
+    groups = rc.curve_groups(results, "curves")
+    assert rc.choose_rates(groups)[("movie", "minilm", "vectorfit")] == 0.001  # what its own runs would pick
+    chosen, so_far = rc.rates_from(results, groups, "curves-rates")
+    assert chosen[("movie", "minilm", "vectorfit")] == 0.003 and chosen[("tweets", "minilm", "vectorfit")] == 0.003
+    assert chosen[("movie", "minilm", "lora_r1")] == 0.001 and so_far == set()
+    text = "\n".join(rc.curve_tables(results, "curves", rates_chosen_by="curves-rates"))
+    assert "| VectorFit **(chosen in curves-rates)** (unfinished: 1 run(s), at step 128 so far) | 0.003 | 2 |" in text
+    assert "| VectorFit | 0.001 | 1 |" in text and "rate choice" not in text
+    # paired at 3e-3, on the seeds and steps both have: movie seeds 0 and 1 at 64 and 128 (test = val - 0.01)
+    # 64: 0.72-0.74, 0.70-0.71 -> -1.50; 128: 0.78-0.80, 0.90-0.85 -> +1.50 (1 of 2 won); tweets: seed 1 only
+    assert "| LoRA r=1 | -1.50 ± 0.71 (0/2) | +1.50 ± 4.95 (1/2) |" in text
+    assert text.count("paired by seed") == 1
+    # a choice the sweep may still change is marked so
+    pending = results + [{**run("vectorfit", 0.01, 0, {64: 0.5}, "curves-rates"), "_partial": True}]
+    assert "**(chosen so far in curves-rates)**" in "\n".join(rc.curve_tables(pending, "curves", "curves-rates"))
+    # one panel per task, the reference rate dashed
+    assert [len(p) for p in rc._panels(groups, "movie", one_panel=True)] == [3]
+    assert rc.plot_curves(results, "curves", tmp_path, rates_chosen_by="curves-rates").is_file()
+
+
 def test_bench_stop_at_step_takes_every_run_that_far_and_a_later_bench_finishes_them(tmp_path, monkeypatch):
     """Breadth first: `bench --stop-at-step 2` stops each run at step 2 with its checkpoint (a real
     `vectorfit train` process), counts it as done at that step and skips it when asked again; a bench

@@ -454,15 +454,21 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     for suite in suites:
         lines += [f"## Suite `{suite}`", ""]
         with_partial = results + partials[suite]
+        source = known_suites()[suite].get("rates_chosen_by")  # a sweep's choice holds here (curves)
+        if source:
+            with_partial += partials[source] if source in partials else load_partials(results_dir, source)
         settings = {k: v for k, v in next(r for r in with_partial if r["_suite"] == suite)["config"].items()
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}
         lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
-        curves = curve_tables(with_partial, suite)
+        curves = curve_tables(with_partial, suite, source)
         if curves:  # a learning-curve suite: tables per budget and plots instead of one final number
+            if source:
+                lines += [f"Each method's rate is the one suite `{source}` chose (best validation at its longest "
+                          "budget); a second rate of a method is kept for reference (dashed in the plots).", ""]
             lines += curves
             for split in ("test", "validation"):
-                p = plot_curves(with_partial, suite, plots, split)
+                p = plot_curves(with_partial, suite, plots, split, rates_chosen_by=source)
                 if p:
                     lines += [f"![{split} learning curves]({p.relative_to(out_md.parent)})", ""]
             continue

@@ -22,8 +22,8 @@ def _method_key(m: str) -> tuple:
     base = m.split("+")[0]
     return (ORDER.index(base) if base in ORDER else len(ORDER), m)
 
-__all__ = ["curve_groups", "curve_tables", "curve_paired", "plot_curves", "choose_rates", "late_mean",
-           "load_partials"]
+__all__ = ["curve_groups", "curve_tables", "curve_paired", "plot_curves", "choose_rates", "rates_from",
+           "late_mean", "load_partials"]
 
 
 def _label(key: str) -> str:
@@ -127,6 +127,32 @@ def _still_training(groups: dict[tuple, dict], method: tuple) -> bool:
     return any(g.get("partial_at") for k, g in groups.items() if k[:3] == method)
 
 
+def rates_from(results: list[dict], groups: dict[tuple, dict], source: str) -> tuple[dict[tuple, float], set]:
+    """The rate of each (task, model, method) of ``groups`` as suite ``source`` (a rate sweep) chose it.
+
+    A sweep run on one task chooses for every task: the ``curves`` suite runs its seeds and tasks at
+    the rates ``curves-rates`` chose on movie's seed 0, and must not choose again among its own
+    runs, whose seeds and lengths differ (a rate kept at one seed for reference would win or lose on
+    another footing). A method the source did not choose for keeps :func:`choose_rates`' choice
+    among the suite's own runs.
+
+    Returns:
+        ``(chosen, so_far)``: the rates, and the keys whose choice in ``source`` may still change
+        (another of its rates is still training).
+    """
+    src_groups = curve_groups(results, source)
+    src = choose_rates(src_groups)
+    chosen, so_far = choose_rates(groups), set()
+    for task, model, method in {k[:3] for k in groups}:
+        pick = [(k, lr) for k, lr in src.items() if k == (task, model, method)] or \
+               [(k, lr) for k, lr in src.items() if k[1:] == (model, method)]
+        if len({lr for _, lr in pick}) == 1 and (task, model, method, pick[0][1]) in groups:
+            chosen[(task, model, method)] = pick[0][1]
+            if _still_training(src_groups, pick[0][0]):
+                so_far.add((task, model, method))
+    return chosen, so_far
+
+
 def late_mean(g: dict, window: int = 3, split: str = "validation") -> Optional[float]:
     """Mean over seeds and over the last ``window`` checkpoints of a curve (``None`` if shorter).
 
@@ -174,16 +200,16 @@ def _rate_check_lines(groups: dict[tuple, dict], task: str, model: str, window: 
                              ["Both readings choose the same rate for every method with 2+ finished rates.", ""]))
 
 
-def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit",
-                 split: str = "test") -> dict[tuple, dict[int, dict]]:
+def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit", split: str = "test",
+                 chosen: Optional[dict[tuple, float]] = None) -> dict[tuple, dict[int, dict]]:
     """(task, model, method) -> {step: the reference's metric minus the method's, paired by seed}.
 
-    Each method at its chosen rate (:func:`choose_rates`); only seeds both ran and steps both
+    Each method at its chosen rate (``chosen``, by default :func:`choose_rates`); only seeds both ran and steps both
     reached. A run of seed s sees the same data order and head initialisation whatever the method,
     so the per-seed difference removes what the seeds do to both alike. Values: ``mean``, ``std``
     (metric units), ``wins`` (seeds where the reference is strictly better) and ``n``.
     """
-    chosen = choose_rates(groups)
+    chosen = chosen if chosen is not None else choose_rates(groups)
     out: dict[tuple, dict[int, dict]] = {}
     for (task, model, method), lr in chosen.items():
         ref_lr = chosen.get((task, model, reference))
@@ -201,9 +227,10 @@ def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit",
     return out
 
 
-def _paired_lines(groups: dict[tuple, dict], task: str, model: str, reference: str = "vectorfit") -> list[str]:
+def _paired_lines(groups: dict[tuple, dict], task: str, model: str, chosen: dict[tuple, float],
+                  reference: str = "vectorfit") -> list[str]:
     """The paired table of one task, shown once some method shares two or more seeds with the reference."""
-    paired = {k: v for k, v in curve_paired(groups, reference).items() if k[:2] == (task, model)}
+    paired = {k: v for k, v in curve_paired(groups, reference, chosen=chosen).items() if k[:2] == (task, model)}
     if not any(d["n"] > 1 for rows in paired.values() for d in rows.values()):
         return []  # one seed: the difference is already in the tables above
     steps = sorted({s for rows in paired.values() for s in rows})
@@ -217,11 +244,27 @@ def _paired_lines(groups: dict[tuple, dict], task: str, model: str, reference: s
     return lines + [""]
 
 
-def curve_tables(results: list[dict], suite: str) -> list[str]:
+def curve_tables(results: list[dict], suite: str, rates_chosen_by: Optional[str] = None) -> list[str]:
+    """The tables of a learning-curve suite: each task's metric at every budget (validation, then test),
+    the rate choice and, once two seeds are shared, the paired differences to VectorFit.
+
+    Args:
+        results: finished and unfinished runs, each tagged ``_suite`` (``results`` may hold other suites').
+        suite: the suite to tabulate.
+        rates_chosen_by: a rate-sweep suite whose choice (:func:`rates_from`) marks the chosen rates
+            and picks the paired rates, instead of choosing among ``suite``'s own runs; its runs must
+            be in ``results``. No rate-choice table then: the choice is the other suite's.
+    """
     groups = curve_groups(results, suite)
     if not groups:
         return []
-    chosen = choose_rates(groups)
+    if rates_chosen_by:
+        chosen, so_far = rates_from(results, groups, rates_chosen_by)
+        where = f" in {rates_chosen_by}"
+    else:
+        chosen = choose_rates(groups)
+        so_far = {k for k in chosen if _still_training(groups, k)}
+        where = ""
     lines: list[str] = []
     for task, model in sorted({(k[0], k[1]) for k in groups}):
         keys = sorted((k for k in groups if k[:2] == (task, model)), key=lambda k: (_method_key(k[2]), k[3]))
@@ -236,7 +279,7 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                 mark = ""
                 if chosen.get(k[:3]) == k[3] and sum(kk[:3] == k[:3] for kk in keys) > 1:
                     # another rate still training may yet beat it
-                    mark = " **(chosen so far)**" if _still_training(groups, k[:3]) else " **(chosen)**"
+                    mark = f" **(chosen so far{where})**" if k[:3] in so_far else f" **(chosen{where})**"
                 cells = []
                 for s in steps:
                     vals = g[split].get(s, [])
@@ -250,8 +293,9 @@ def curve_tables(results: list[dict], suite: str) -> list[str]:
                 lines.append(f"| {_label(k[2])}{mark} | {k[3]:g} | {len(g['seeds'])} | " + " | ".join(cells)
                              + f" | {reach if reach is not None else ''} |")
             lines.append("")
-        lines += _rate_check_lines(groups, task, model)
-        lines += _paired_lines(groups, task, model)
+        if not rates_chosen_by:
+            lines += _rate_check_lines(groups, task, model)
+        lines += _paired_lines(groups, task, model, chosen)
     return lines
 
 
@@ -265,23 +309,26 @@ def _draw(ax, g: dict, split: str, label: str, color, style: str = "-", lw: floa
         ax.fill_between(g["steps"], lo, hi, color=color, alpha=0.12)
 
 
-def _panels(groups: dict[tuple, dict], task: str) -> list[list[tuple]]:
+def _panels(groups: dict[tuple, dict], task: str, one_panel: bool = False) -> list[list[tuple]]:
     """The keys drawn in each panel of a task's row. One panel for all methods when each has one rate
-    (the curves suite); a panel per method when some method has several (a rate sweep: a dozen curves
-    in one panel cannot be read)."""
+    or ``one_panel`` (the curves suite, whose few extra rates are drawn dashed); a panel per method
+    when some method has several (a rate sweep: a dozen curves in one panel cannot be read)."""
     keys = sorted((k for k in groups if k[0] == task and groups[k]["steps"]), key=lambda k: (_method_key(k[2]), k[3]))
     methods = sorted({k[2] for k in keys}, key=_method_key)
-    if all(sum(k[2] == m for k in keys) == 1 for m in methods):
+    if one_panel or all(sum(k[2] == m for k in keys) == 1 for m in methods):
         return [keys]
     return [[k for k in keys if k[2] == m] for m in methods]
 
 
-def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test", wrap: int = 3) -> Optional[Path]:
+def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test", wrap: int = 3,
+                rates_chosen_by: Optional[str] = None) -> Optional[Path]:
     """Metric vs. optimizer steps (log x); line = mean over seeds, band = min..max over seeds.
 
-    One panel per task when each method has one rate. In a rate sweep each method gets its own panel
-    with all its rates (the chosen one bold) and VectorFit's chosen curve in grey for reference,
-    ``wrap`` panels to a row, a task's panels starting on a new row, one y scale per task."""
+    One panel per task when each method has one rate, or when ``rates_chosen_by`` names the sweep
+    that chose them (:func:`rates_from`; a method's other rates are drawn dashed). In a rate sweep
+    each method gets its own panel with all its rates (the chosen one bold) and VectorFit's chosen
+    curve in grey for reference, ``wrap`` panels to a row, a task's panels starting on a new row,
+    one y scale per task."""
     groups = curve_groups(results, suite)
     if not groups:
         return None
@@ -291,7 +338,7 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test",
     import matplotlib.pyplot as plt
 
     tasks = sorted({k[0] for k in groups})
-    layout = {t: _panels(groups, t) for t in tasks}
+    layout = {t: _panels(groups, t, one_panel=bool(rates_chosen_by)) for t in tasks}
     single = all(len(p) == 1 for p in layout.values())
     ncols = len(tasks) if single else min(wrap, max(len(p) for p in layout.values()))
     # grid cells (row, col) of each task's panels
@@ -305,7 +352,7 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test",
     fig, axes = plt.subplots(nrows, ncols, figsize=((6.2 if single else 4.6) * ncols, 4.2 * nrows), squeeze=False)
     methods = sorted({k[2] for k in groups}, key=_method_key)
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    chosen = choose_rates(groups)
+    chosen = rates_from(results, groups, rates_chosen_by)[0] if rates_chosen_by else choose_rates(groups)
     metric = next(iter(groups.values()))["metric"]
     used = set()
     for task, keys, r, c in cells:
@@ -313,7 +360,11 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test",
         used.add((r, c))
         lrs = sorted(k[3] for k in keys)
         for k in keys:
-            if single:
+            if single and sum(kk[2] == k[2] for kk in keys) > 1:  # a method's rate kept for reference: dashed
+                main = chosen.get(k[:3]) == k[3]
+                _draw(ax, groups[k], split, f"{_label(k[2])} lr {k[3]:g}", colors[k[2]], "-" if main else "--",
+                      lw=(2.2 if k[2] == "vectorfit" else 1.4) if main else 1.0)
+            elif single:
                 _draw(ax, groups[k], split, _label(k[2]), colors[k[2]], lw=2.2 if k[2] == "vectorfit" else 1.4)
             else:
                 is_chosen = chosen.get(k[:3]) == k[3] and len(lrs) > 1
