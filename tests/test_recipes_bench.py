@@ -241,11 +241,19 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     assert "step 128 " in lines[1] and lines[1].endswith(" ~4 min of training left")
     # a running run has trained on since its last point was written (100 s ago here): 256 - 100 s left;
     # a stopped one has not, so its estimate stays
-    then = time.time() - 100.0
-    os.utime(f"{out}.partial", (then, then))
+    # (the lock's time is its holder's start: taken now, then dated back as if taken 150 s ago)
+    def ago(path, seconds):
+        os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+    ago(f"{out}.partial", 100.0)
     with checkpoint.output_lock(str(out)):
+        assert time.time() - Path(f"{out}.lock").stat().st_mtime < 5.0
+        ago(f"{out}.lock", 150.0)
         row = bench.status("smoke", results)[0]
-    assert row["state"] == "running" and row["left_s"] == pytest.approx(156.0, abs=10.0)
+        assert row["state"] == "running" and row["left_s"] == pytest.approx(156.0, abs=10.0)
+        # resumed after its last point was written: it counts from its own start, not the old point
+        ago(f"{out}.partial", 3000.0)
+        assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(106.0, abs=10.0)
     assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(256.0)
     # one timed point (or an untimed partial from before) gives no estimate rather than a wrong one
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [

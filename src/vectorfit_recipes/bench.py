@@ -171,10 +171,10 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
         process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
         run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
         ``left_s`` (an unfinished run's :func:`training_left`; for a running one, less the time since
-        its ``.partial`` was written) and, when done, ``test`` and
+        its ``.partial`` was written or, if later, since its process started) and, when done, ``test`` and
         ``validation``.
     """
-    from .checkpoint import checkpoint_path, output_busy, partial_path
+    from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
 
     out = []
     for r in select(runs_of(name), only, name):
@@ -188,8 +188,10 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
             row["step"], row["left_s"] = _reached(part), _left(part)
             if output_busy(str(path)):
                 row["state"] = "running"
-                if row["left_s"] is not None:  # it has trained on since its last curve point was written
-                    since = time.time() - partial_path(str(path)).stat().st_mtime
+                if row["left_s"] is not None:
+                    # it has trained on since its last curve point, or since it started if it resumed
+                    # after that point (the lock file's time is when its holder took it)
+                    since = time.time() - max(partial_path(str(path)).stat().st_mtime, lock_path(str(path)).stat().st_mtime)
                     row["left_s"] = max(row["left_s"] - max(since, 0.0), 0.0)
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"

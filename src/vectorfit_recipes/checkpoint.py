@@ -63,7 +63,8 @@ class OutputBusy(RuntimeError):
     """Another process is writing the same result file (and its checkpoint)."""
 
 
-def _lock_path(output: str) -> Path:
+def lock_path(output: str) -> Path:
+    """The lock file of a run with ``--output X`` (``X.lock``; see :func:`output_lock`)."""
     return Path(f"{output}.lock")
 
 
@@ -89,7 +90,7 @@ def output_lock(output: Optional[str]) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    path = _lock_path(output)
+    path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
@@ -97,6 +98,7 @@ def output_lock(output: Optional[str]) -> Iterator[None]:
         except BlockingIOError:
             raise OutputBusy(f"another process is writing {output} (it holds {path}); wait for it to finish, "
                              f"stop it, or choose another --output") from None
+        os.utime(path)  # the lock's time is when its holder started: `bench --status` counts down from it
         try:
             yield
             if Path(output).exists():  # finished: the result marks the run done, the lock file can go
@@ -107,7 +109,7 @@ def output_lock(output: Optional[str]) -> Iterator[None]:
 
 def output_busy(output: str) -> bool:
     """Whether some process holds :func:`output_lock` on ``output`` now (without keeping it)."""
-    if not _lock_path(output).exists():  # never locked (and no lock file made just to look)
+    if not lock_path(output).exists():  # never locked (and no lock file made just to look)
         return False
     try:
         with output_lock(output):
