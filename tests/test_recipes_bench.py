@@ -254,6 +254,9 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
         # resumed after its last point was written: it counts from its own start, not the old point
         ago(f"{out}.partial", 3000.0)
         assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(106.0, abs=10.0)
+    # looking does not date the lock anew (only its holder does)
+    ago(f"{out}.lock", 500.0)
+    assert not checkpoint.output_busy(str(out)) and time.time() - Path(f"{out}.lock").stat().st_mtime > 400.0
     assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(256.0)
     # one timed point (or an untimed partial from before) gives no estimate rather than a wrong one
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
