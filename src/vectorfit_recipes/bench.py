@@ -191,9 +191,11 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
                 if row["left_s"] is not None:
                     # it has trained on since its last curve point, or since it started if it resumed
                     # after that point (the lock file's time is when its holder took it)
-                    began = max(partial_path(str(path)).stat().st_mtime, lock_path(str(path)).stat().st_mtime)
-                    since = time.time() - began
-                    row["left_s"] = max(row["left_s"] - max(since, 0.0), 0.0)
+                    try:
+                        began = max(partial_path(str(path)).stat().st_mtime, lock_path(str(path)).stat().st_mtime)
+                        row["left_s"] = max(row["left_s"] - max(time.time() - began, 0.0), 0.0)
+                    except OSError:  # it finished meanwhile (its partial and lock are removed)
+                        row["left_s"] = None
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"
         out.append(row)

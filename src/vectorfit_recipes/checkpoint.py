@@ -93,11 +93,9 @@ def output_lock(output: Optional[str]) -> Iterator[None]:
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _take(f):
             raise OutputBusy(f"another process is writing {output} (it holds {path}); wait for it to finish, "
-                             f"stop it, or choose another --output") from None
+                             f"stop it, or choose another --output")
         os.utime(path)  # the lock's time is when its holder started: `bench --status` counts down from it
         try:
             yield
@@ -105,6 +103,17 @@ def output_lock(output: Optional[str]) -> Iterator[None]:
                 path.unlink(missing_ok=True)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _take(f: Any) -> bool:
+    """Take the exclusive lock on the open file ``f`` without waiting; ``False``: another process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def output_busy(output: str) -> bool:
@@ -117,9 +126,7 @@ def output_busy(output: str) -> bool:
     except ImportError:  # pragma: no cover - not POSIX: runs are not locked
         return False
     with open(path, "a") as f:  # a look changes nothing: not the lock's time, not the file
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _take(f):
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
         return False

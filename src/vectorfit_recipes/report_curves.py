@@ -360,12 +360,11 @@ def plot_curves(results: list[dict], suite: str, out: Path, split: str = "test",
         used.add((r, c))
         lrs = sorted(k[3] for k in keys)
         for k in keys:
-            if single and sum(kk[2] == k[2] for kk in keys) > 1:  # a method's rate kept for reference: dashed
-                main = chosen.get(k[:3]) == k[3]
-                _draw(ax, groups[k], split, f"{_label(k[2])} lr {k[3]:g}", colors[k[2]], "-" if main else "--",
-                      lw=(2.2 if k[2] == "vectorfit" else 1.4) if main else 1.0)
-            elif single:
-                _draw(ax, groups[k], split, _label(k[2]), colors[k[2]], lw=2.2 if k[2] == "vectorfit" else 1.4)
+            if single:  # a method's second rate, kept for reference, is drawn dashed and named by its rate
+                several = sum(kk[2] == k[2] for kk in keys) > 1
+                main = not several or chosen.get(k[:3]) == k[3]
+                _draw(ax, groups[k], split, f"{_label(k[2])} lr {k[3]:g}" if several else _label(k[2]), colors[k[2]],
+                      "-" if main else "--", lw=(2.2 if k[2] == "vectorfit" else 1.4) if main else 1.0)
             else:
                 is_chosen = chosen.get(k[:3]) == k[3] and len(lrs) > 1
                 style = "-" if is_chosen or len(lrs) == 1 else ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))[lrs.index(k[3]) % 4]
