@@ -316,7 +316,7 @@ def test_curve_differences_are_paired_by_seed_at_the_chosen_rates():
     assert rows[128]["mean"] == pytest.approx(0.025) and rows[128]["wins"] == 2
     text = "\n".join(rc.curve_tables(results, "curves-rates"))
     assert "VectorFit minus each method at its chosen rate, paired by seed" in text
-    assert "| LoRA r=1 | -3.50 ± 2.12 (0/2) | +2.50 ± 2.12 (2/2) |" in text
+    assert "| LoRA r=1 | 0.001 − 0.001 | -3.50 ± 2.12 (0/2) | +2.50 ± 2.12 (2/2) |" in text
     # one shared seed: no paired table (the per-method tables already show the difference)
     single = rc.curve_tables([results[0], results[4]], "curves-rates")
     assert not any("paired by seed" in line for line in single)
@@ -343,7 +343,11 @@ def test_a_suite_whose_rates_a_sweep_chose_marks_and_pairs_the_sweeps_choice(tmp
               run("vectorfit", 0.001, 0, {64: 0.60, 128: 0.65}, task="tweets"),
               run("vectorfit", 0.003, 0, {64: 0.61, 128: 0.66}, task="tweets"),
               run("vectorfit", 0.003, 1, {64: 0.63, 128: 0.68}, task="tweets"),
-              run("lora_r1", 0.001, 1, {64: 0.62, 128: 0.64}, task="tweets")]
+              run("lora_r1", 0.001, 1, {64: 0.62, 128: 0.64}, task="tweets"),
+              # a VectorFit ablation at the paper's rate, not at VectorFit's chosen one
+              run("no_avf", 0.001, 0, {64: 0.66, 128: 0.76, 256: 0.80}),
+              run("no_avf", 0.001, 1, {64: 0.60, 128: 0.70, 256: 0.75}),
+              run("vectorfit", 0.001, 1, {64: 0.63, 128: 0.71, 256: 0.78})]
     results = sweep + curves
     groups = rc.curve_groups(results, "curves")
     assert rc.choose_rates(groups)[("movie", "minilm", "vectorfit")] == 0.001  # what its own runs would pick
@@ -352,16 +356,21 @@ def test_a_suite_whose_rates_a_sweep_chose_marks_and_pairs_the_sweeps_choice(tmp
     assert chosen[("movie", "minilm", "lora_r1")] == 0.001 and so_far == set()
     text = "\n".join(rc.curve_tables(results, "curves", rates_chosen_by="curves-rates"))
     assert "| VectorFit **(chosen in curves-rates)** (unfinished: 1 run(s), at step 128 so far) | 0.003 | 2 |" in text
-    assert "| VectorFit | 0.001 | 1 |" in text and "rate choice" not in text
+    assert "| VectorFit | 0.001 | 2 |" in text and "rate choice" not in text
     # paired at 3e-3, on the seeds and steps both have: movie seeds 0 and 1 at 64 and 128 (test = val - 0.01)
     # 64: 0.72-0.74, 0.70-0.71 -> -1.50; 128: 0.78-0.80, 0.90-0.85 -> +1.50 (1 of 2 won); tweets: seed 1 only
-    assert "| LoRA r=1 | -1.50 ± 0.71 (0/2) | +1.50 ± 4.95 (1/2) |" in text
+    assert "| LoRA r=1 | 0.003 − 0.001 | -1.50 ± 0.71 (0/2) | +1.50 ± 4.95 (1/2) |" in text
+    # the ablation against VectorFit at its own rate 1e-3, at every step both reached:
+    # 64: 0.70-0.66, 0.63-0.60 -> +3.50; 128: -0.01, +0.01 -> 0.00 (1 won); 256: 0.00, +0.03 -> +1.50
+    assert rc.paired_rates(groups, chosen=chosen)[("movie", "minilm", "no_avf")] == (0.001, 0.001)
+    assert ("| VectorFit (no AVF) | 0.001 − 0.001 | +3.50 ± 0.71 (2/2) | +0.00 ± 1.41 (1/2) "
+            "| +1.50 ± 2.12 (1/2) |") in text
     assert text.count("paired by seed") == 1
     # a choice the sweep may still change is marked so
     pending = results + [{**run("vectorfit", 0.01, 0, {64: 0.5}, "curves-rates"), "_partial": True}]
     assert "**(chosen so far in curves-rates)**" in "\n".join(rc.curve_tables(pending, "curves", "curves-rates"))
     # one panel per task, the reference rate dashed
-    assert [len(p) for p in rc._panels(groups, "movie", one_panel=True)] == [3]
+    assert [len(p) for p in rc._panels(groups, "movie", one_panel=True)] == [4]
     assert rc.plot_curves(results, "curves", tmp_path, rates_chosen_by="curves-rates").is_file()
 
 

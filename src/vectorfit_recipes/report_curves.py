@@ -22,7 +22,7 @@ def _method_key(m: str) -> tuple:
     base = m.split("+")[0]
     return (ORDER.index(base) if base in ORDER else len(ORDER), m)
 
-__all__ = ["curve_groups", "curve_tables", "curve_paired", "plot_curves", "choose_rates", "rates_from",
+__all__ = ["curve_groups", "curve_tables", "curve_paired", "paired_rates", "plot_curves", "choose_rates", "rates_from",
            "late_mean", "load_partials"]
 
 
@@ -200,21 +200,45 @@ def _rate_check_lines(groups: dict[tuple, dict], task: str, model: str, window: 
                              ["Both readings choose the same rate for every method with 2+ finished rates.", ""]))
 
 
-def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit", split: str = "test",
-                 chosen: Optional[dict[tuple, float]] = None) -> dict[tuple, dict[int, dict]]:
-    """(task, model, method) -> {step: the reference's metric minus the method's, paired by seed}.
+def paired_rates(groups: dict[tuple, dict], reference: str = "vectorfit",
+                 chosen: Optional[dict[tuple, float]] = None) -> dict[tuple, tuple[float, float]]:
+    """(task, model, method) -> (the reference's rate, the method's rate) that :func:`curve_paired` compares.
 
-    Each method at its chosen rate (``chosen``, by default :func:`choose_rates`); only seeds both ran and steps both
-    reached. A run of seed s sees the same data order and head initialisation whatever the method,
-    so the per-seed difference removes what the seeds do to both alike. Values: ``mean``, ``std``
-    (metric units), ``wins`` (seeds where the reference is strictly better) and ``n``.
+    A baseline is compared at its chosen rate against the reference at the reference's chosen rate:
+    each method as a user would run it. A variant of the reference (a VectorFit ablation such as
+    ``no_avf``, or a recipe option such as ``vectorfit+relative``) isolates one component, so it is
+    compared against the reference at the variant's own rate; pairing it with the reference's chosen
+    rate would mix a rate difference into the component's effect. Without the reference at that rate
+    the variant has no pair.
     """
+    from .methods import VECTORFIT_METHODS
+
     chosen = chosen if chosen is not None else choose_rates(groups)
-    out: dict[tuple, dict[int, dict]] = {}
+    out = {}
     for (task, model, method), lr in chosen.items():
         ref_lr = chosen.get((task, model, reference))
         if method == reference or ref_lr is None:
             continue
+        if method.split("+")[0] in VECTORFIT_METHODS:
+            ref_lr = lr
+            if (task, model, reference, lr) not in groups:
+                continue
+        out[(task, model, method)] = (ref_lr, lr)
+    return out
+
+
+def curve_paired(groups: dict[tuple, dict], reference: str = "vectorfit", split: str = "test",
+                 chosen: Optional[dict[tuple, float]] = None) -> dict[tuple, dict[int, dict]]:
+    """(task, model, method) -> {step: the reference's metric minus the method's, paired by seed}.
+
+    Each method at its chosen rate (``chosen``, by default :func:`choose_rates`), against the reference at
+    the rate :func:`paired_rates` names; only seeds both ran and steps both reached. A run of seed s
+    sees the same data order and head initialisation whatever the method, so the per-seed difference
+    removes what the seeds do to both alike. Values: ``mean``, ``std`` (metric units), ``wins``
+    (seeds where the reference is strictly better) and ``n``.
+    """
+    out: dict[tuple, dict[int, dict]] = {}
+    for (task, model, method), (ref_lr, lr) in paired_rates(groups, reference, chosen).items():
         ref, other = groups[(task, model, reference, ref_lr)], groups[(task, model, method, lr)]
         rows: dict[int, dict] = {}
         for step in sorted(set(ref["steps"]) & set(other["steps"])):
@@ -234,13 +258,18 @@ def _paired_lines(groups: dict[tuple, dict], task: str, model: str, chosen: dict
     if not any(d["n"] > 1 for rows in paired.values() for d in rows.values()):
         return []  # one seed: the difference is already in the tables above
     steps = sorted({s for rows in paired.values() for s in rows})
+    rates = paired_rates(groups, reference, chosen)
     ref = _label(reference)
     lines = [f"#### {task} ({model}): {ref} minus each method at its chosen rate, paired by seed "
              f"(test × 100; positive = {ref} better; in brackets: seeds won / seeds)", "",
-             "| method | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+             f"{ref} at its chosen rate against the baselines; a variant of {ref} against {ref} at the "
+             "variant's own rate, so that its row measures the variant's component alone.", "",
+             "| method | rates compared | " + " | ".join(str(s) for s in steps) + " |",
+             "|---" * (len(steps) + 2) + "|"]
     for key in sorted(paired, key=lambda k: _method_key(k[2])):
         cells = [paired_cell(paired[key].get(s)) for s in steps]
-        lines.append(f"| {_label(key[2])} | " + " | ".join(cells) + " |")
+        ref_lr, lr = rates[key]
+        lines.append(f"| {_label(key[2])} | {ref_lr:g} − {lr:g} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
