@@ -175,6 +175,26 @@ def test_pooling_effect_is_paired_by_seed_against_the_main_suite():
     assert "| movie | LoRA r=1 | 71.67 | 74.00 | +2.00 ± 4.24 | 1/2 |" in "\n".join(report._pooling_table(report.aggregate(main + pooled)))
 
 
+def test_rate_choice_takes_the_best_mean_validation_over_the_seeds_every_rate_ran():
+    def run(lr, seed, val):
+        return {**_fake_result("vectorfit", "movie", seed, val - 0.05), "_suite": "main-job-rate", "lr": lr,
+                "validation": val}
+
+    results = [run(0.01, 0, 0.80), run(0.01, 1, 0.70), run(0.01, 2, 0.78),     # mean 76.00
+               run(0.003, 0, 0.77), run(0.003, 1, 0.78), run(0.003, 2, 0.76),  # mean 77.00: best
+               run(0.001, 0, 0.90)]                                            # one seed: does not compete
+    choice = report.rate_choice(report.aggregate(results), "main-job-rate")
+    c = choice[("movie", "minilm", "vectorfit")]
+    assert c["lr"] == 0.003 and c["n"] == 3
+    assert c["rates"] == pytest.approx({0.003: 0.77, 0.01: 0.76})
+    assert ("| movie | minilm | VectorFit | 3 | 0.003: 77.00, 0.01: 76.00 | 0.003 |"
+            in "\n".join(report._rate_choice_lines(report.aggregate(results), "main-job-rate")))
+    # a tie goes to the smaller rate; a method at one rate has no choice to show
+    tie = [run(0.01, 0, 0.8), run(0.003, 0, 0.8), {**run(0.01, 0, 0.8), "method": "lora_r1"}]
+    assert report.rate_choice(report.aggregate(tie), "main-job-rate") == {
+        ("movie", "minilm", "vectorfit"): {"lr": 0.003, "n": 1, "rates": {0.003: 0.8, 0.01: 0.8}}}
+
+
 def test_bench_filters_keep_the_suite_order_and_name_what_a_suite_lacks():
     runs = bench.runs_of("curves-rates")
     only = bench.select(runs, {"methods": ["lora_r1", "vectorfit"]}, "curves-rates")

@@ -226,6 +226,41 @@ def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[s
     return lines
 
 
+def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
+    """(task, model, method) -> ``{"lr": the rate with the best mean validation metric, "n": seeds,
+    "rates": {lr: mean validation}}``, for each method ``suite`` ran at two or more rates.
+
+    Only rates run on the same seeds compete (a rate with fewer seeds so far would be judged on
+    other data orders); ties go to the smaller rate.
+    """
+    by: dict = defaultdict(dict)
+    for k, a in agg.items():
+        if k[0] == suite:
+            by[(k[1], k[2], k[3])][k[4]] = a
+    out = {}
+    for key, rates in by.items():
+        if len(rates) < 2:
+            continue
+        seeds = max((tuple(a["seeds"]) for a in rates.values()), key=len)
+        same = {lr: a["validation"][0] for lr, a in rates.items() if tuple(a["seeds"]) == seeds}
+        if len(same) >= 2:
+            best = max(same, key=lambda lr: (same[lr], -lr))
+            out[key] = {"lr": best, "n": len(seeds), "rates": dict(sorted(same.items()))}
+    return out
+
+
+def _rate_choice_lines(agg: dict, suite: str) -> list[str]:
+    choice = rate_choice(agg, suite)
+    if not choice:
+        return []
+    lines = ["#### Rate choice: mean validation metric × 100 at each rate (rates run on the same seeds)", "",
+             "| task | model | method | seeds | validation by rate | best |", "|---|---|---|---|---|---|"]
+    for (task, model, method), c in sorted(choice.items(), key=lambda kv: (kv[0][0], kv[0][1], _method_key(kv[0][2]))):
+        cells = ", ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in c["rates"].items())
+        lines.append(f"| {task} | {model} | {LABELS.get(method, method)} | {c['n']} | {cells} | {c['lr']:g} |")
+    return lines + [""]
+
+
 def pooling_effect(agg: dict, suite: str = "pooling", against: str = "main") -> dict[tuple, dict]:
     """(task, method) -> test metric with mean pooling minus with transformers' pooler, paired by
     seed: the ``pooling`` suite repeats ``main``-suite runs (same rate, data, seed) with mean pooling."""
@@ -432,7 +467,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     plots.mkdir(parents=True, exist_ok=True)
     from .report_curves import curve_tables, load_partials, plot_curves
 
-    order = ("curves-rates", "curves", "recipe", "pooling", "main", "ablation", "sweep", "smoke")
+    order = ("curves-rates", "curves", "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
     suites: list[str] = []
     # A suite whose runs (finished or not) are all runs of a suite shown above is not repeated: the
     # curves and recipe suites start with curves-rates' runs, and would show the same curves again.
@@ -473,6 +508,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                     lines += [f"![{split} learning curves]({p.relative_to(out_md.parent)})", ""]
             continue
         lines += _suite_tables(agg, suite)
+        lines += _rate_choice_lines(agg, suite)
         if suite != "sweep":
             lines += _paired_table(agg, suite)
         if suite == "main":
