@@ -226,6 +226,11 @@ def _paired_table(agg: dict, suite: str, reference: str = "vectorfit") -> list[s
     return lines
 
 
+def best_rate(scores: dict[float, float]) -> float:
+    """The rate with the highest score (mean validation metric); a tie goes to the smaller, safer rate."""
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
 def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
     """(task, model, method) -> ``{"lr": the rate with the best mean validation metric, "n": seeds,
     "rates": {lr: mean validation}}``, for each method ``suite`` ran at two or more rates.
@@ -244,8 +249,7 @@ def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
         seeds = max((tuple(a["seeds"]) for a in rates.values()), key=len)
         same = {lr: a["validation"][0] for lr, a in rates.items() if tuple(a["seeds"]) == seeds}
         if len(same) >= 2:
-            best = max(same, key=lambda lr: (same[lr], -lr))
-            out[key] = {"lr": best, "n": len(seeds), "rates": dict(sorted(same.items()))}
+            out[key] = {"lr": best_rate(same), "n": len(seeds), "rates": dict(sorted(same.items()))}
     return out
 
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, ORDER, _fmt, as_fractions, paired_cell, paired_stats
+from .report import LABELS, ORDER, _fmt, as_fractions, best_rate, paired_cell, paired_stats
 
 
 def _method_key(m: str) -> tuple:
@@ -117,8 +117,7 @@ def choose_rates(groups: dict[tuple, dict]) -> dict[tuple, float]:
     out = {}
     for key, cands in by.items():
         last = max(g["steps"][-1] for _, g in cands)
-        full = [(lr, g) for lr, g in cands if g["steps"][-1] == last]
-        out[key] = max(full, key=lambda c: (statistics.fmean(c[1]["validation"][last]), -c[0]))[0]
+        out[key] = best_rate({lr: statistics.fmean(g["validation"][last]) for lr, g in cands if g["steps"][-1] == last})
     return out
 
 
@@ -185,7 +184,7 @@ def _rate_check_lines(groups: dict[tuple, dict], task: str, model: str, window: 
                         + (f"{100 * lm:.2f}" if lm is not None else "") + " |"
                         + (mark if lr == lr_chosen else " |"))
         if all(v is not None for v in late.values()):
-            by_late = max(late, key=lambda lr: (late[lr], -lr))
+            by_late = best_rate(late)
             if by_late != lr_chosen:
                 disagree.append(f"* {_label(method)}: the two readings disagree. The last step prefers {lr_chosen:g} "
                                 f"({100 * at[lr_chosen]:.2f} against {100 * at[by_late]:.2f}), the mean of the last "
