@@ -410,3 +410,67 @@ def test_a_run_resumed_at_its_stop_step_trains_no_further(tmp_path):
     again = run(cfg, log=_quiet)  # same stop: the checkpoint is at step 2 already
     assert first["stopped_at"] == again["stopped_at"] == 2
     assert json.loads(Path(f"{out}.partial").read_text())["stopped_at"] == 2
+
+
+def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp_path, monkeypatch):
+    """``converged`` (issue 14 part 4) is the table at one budget read off the curves: a constant-rate
+    method's run is the curve suite's run (one file), counted done once its curve reaches the step
+    (finished or not) and read there, not at its end; VectorFit, whose AVF schedule depends on the
+    budget, has runs of its own ("method_settings") that end at the step. Checked against a by-hand
+    mean and paired difference of the step's values."""
+    from vectorfit_recipes import report
+
+    settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
+    curves = {"tasks": ["movie"], "models": ["minilm"], "methods": ["lora_r1"], "seeds": [0, 1, 2],
+              "lrs": {"lora_r1": [0.001]}, "settings": settings}
+    converged = {**curves, "methods": ["vectorfit", "lora_r1"], "read_at_step": 2, "lrs": {"lora_r1": [0.001],
+                 "vectorfit": [0.003]}, "method_settings": {"vectorfit": {"max_steps": 2, "eval_steps": "2"}}}
+    monkeypatch.setattr(bench, "suites", lambda: {"curves": curves, "converged": converged})
+    runs = bench.runs_of("converged")
+    lora = [r for r in runs if r.method == "lora_r1"]
+    vf = [r for r in runs if r.method == "vectorfit"]
+    assert set(lora) <= set(bench.runs_of("curves")) and len(lora) == 3  # shared: computed once
+    assert all(dict(r.settings)["max_steps"] == 2 and r not in bench.runs_of("curves") for r in vf)
+
+    def write(r, curve, partial=False, **extra):
+        path = Path(f"{r.path(tmp_path)}.partial") if partial else r.path(tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        last = curve[-1] if curve else {}
+        path.write_text(json.dumps({
+            "task": "movie", "model": "minilm", "method": r.method, "seed": r.seed, "lr": r.lr, "metric": "accuracy",
+            "curve": curve, "config": {"pooling": "mean"}, "trainable_params": 5, "total_params": 10,
+            **({"partial": True} if partial else {"test": last["test"], "validation": last["validation"],
+                                                   "steps": last["step"], "train_seconds": last["train_seconds"]}),
+            **extra}))
+
+    def pt(step, val, test):
+        return {"step": step, "validation": val, "test": test, "train_seconds": 10.0 * step}
+
+    write(lora[0], [pt(2, 0.70, 0.60), pt(4, 0.90, 0.95)], training_strengths={"a": 1.0, "b": 3.0})  # finished
+    write(lora[1], [pt(2, 0.72, 0.66)], partial=True)  # still training, past step 2
+    write(lora[2], [], partial=True)  # not at step 2 yet: not counted
+    write(vf[0], [pt(2, 0.75, 0.70)], training_strengths={"a": 1.0, "b": 3.0})
+    write(vf[1], [pt(2, 0.71, 0.62)], training_strengths={"a": 2.0, "b": 2.0})
+
+    rows = {(r["run"].method, r["run"].seed): r for r in bench.status("converged", tmp_path)}
+    assert rows[("lora_r1", 0)]["state"] == "done" and rows[("lora_r1", 0)]["test"] == 0.60  # not its end's 0.95
+    assert rows[("lora_r1", 1)]["state"] == "done" and rows[("lora_r1", 1)]["test"] == 0.66
+    assert rows[("lora_r1", 2)]["state"] == "stopped" and rows[("vectorfit", 2)]["state"] == "not started"
+    lines: list[str] = []
+    assert bench.run_suite("converged", tmp_path, dry_run=True, log=lines.append) == 0
+    assert lines[0].endswith("2 to go; results in " + str(tmp_path)) and all("--stop-at-step 2" in ln for ln in lines[1:])
+
+    text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
+    section = text[text.index("## Suite `converged`"):]
+    # step-2 test values: VectorFit (0.70 + 0.62) / 2 = 66.00, std 5.66; LoRA (0.60 + 0.66) / 2 = 63.00, std 4.24
+    assert "| VectorFit | 66.00 ± 5.66 (n=2) | 73.00 ± 2.83 (n=2) |  | 5 |  | 0.003 | 20 |  |" in section
+    assert "| LoRA r=1 | 63.00 ± 4.24 (n=2) | 71.00 ± 1.41 (n=2) |  | 5 |  | 0.001 | 20 |  |" in section
+    # paired by seed: 0.70 - 0.60 = +10, 0.62 - 0.66 = -4 -> +3.00 ± 9.90, VectorFit ahead on 1 of 2
+    assert "| LoRA r=1 | +3.00 ± 9.90 (1/2) |" in section
+    # the balance table has the runs that ended at step 2 only: cv of (1, 3) = 0.5, of (2, 2) = 0
+    assert "| movie | VectorFit | 0.25 ± 0.35 (n=2) |" in section
+    # what a run measured at its end is not its state at step 2: dropped from a run read earlier
+    from vectorfit_recipes.report_curves import read_at
+
+    (early,) = read_at([{**json.loads(lora[0].path(tmp_path).read_text()), "_suite": "converged"}], "converged", 2)
+    assert early["test"] == 0.60 and early["steps"] == 2 and "training_strengths" not in early

@@ -80,12 +80,32 @@ def runs_of(name: str) -> list[Run]:
                         lrs = mt[method].get("sweep", [mt[method]["lr"]])
                     else:
                         lrs = [mt[method]["lr"]]
+                    # "method_settings": a method's own settings (e.g. a budget-dependent schedule);
                     # "options": named extra settings, each a run of its own (e.g. a recipe variant)
+                    own = s.get("method_settings", {}).get(method, {})
                     for opt in s.get("options", {"": {}}).values():
-                        st = tuple(sorted({**dict(settings), **opt}.items()))
+                        st = tuple(sorted({**dict(settings), **own, **opt}.items()))
                         out += [(seed, rank, Run(task, model, method, seed, float(lr), st))
                                 for rank, lr in enumerate(lrs)]
     return [r for _, _, r in sorted(out, key=lambda x: (x[0], x[1]))]  # stable: keeps task/method order
+
+
+def read_at_step(name: str) -> Optional[int]:
+    """The step a suite reads its runs at (``"read_at_step"`` in suites.json), if it has one.
+
+    Such a suite is a table at one budget read off learning curves: its runs carry the settings of a
+    curve suite, so they are that suite's runs (computed once), and each counts as done once its
+    curve has reached the step; ``bench`` takes its runs only that far unless told otherwise."""
+    step = suites()[name].get("read_at_step")
+    return None if step is None else int(step)
+
+
+def curve_point(d: Optional[dict], step: int) -> Optional[dict]:
+    """A result's (or ``.partial``'s) learning-curve point at ``step``; ``None`` if it has none."""
+    for p in (d or {}).get("curve") or []:
+        if p.get("step") == step:
+            return p
+    return None
 
 
 def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
@@ -176,6 +196,7 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
     """
     from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
 
+    at = read_at_step(name)
     out = []
     for r in select(runs_of(name), only, name):
         path = r.path(results)
@@ -183,10 +204,16 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
         if path.exists():
             res = json.loads(path.read_text())
             row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"))
+            if at is not None:  # the suite's numbers are the curve's at its step, not the run's last
+                p = curve_point(res, at) or {}
+                row.update(step=at, test=p.get("test"), validation=p.get("validation"))
         else:
             part = _partial(path)  # read once for both
             row["step"], row["left_s"] = _reached(part), _left(part)
-            if output_busy(str(path)):
+            p = curve_point(part, at) if at is not None else None
+            if p is not None:  # far enough for this suite; whatever it trains on does not change it
+                row.update(state="done", step=at, test=p.get("test"), validation=p.get("validation"), left_s=None)
+            elif output_busy(str(path)):
                 row["state"] = "running"
                 if row["left_s"] is not None:
                     # it has trained on since its last curve point, or since it started if it resumed
@@ -250,6 +277,8 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
 
     if stop_at_step is not None and stop_at_step < 1:
         raise SystemExit(f"vectorfit bench: --stop-at-step must be >= 1, got {stop_at_step}")
+    if stop_at_step is None:  # a suite read at one step needs its runs no further
+        stop_at_step = read_at_step(name)
     runs = select(runs_of(name), only, name)
     todo = [r for r in runs if not r.path(results).exists()]
     busy = [r for r in todo if output_busy(str(r.path(results)))]

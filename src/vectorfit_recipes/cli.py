@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "that decide a question first); default: every method")
     p_bench.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                          help="take every run only to step N, keeping its checkpoint (runs already there are "
-                              "skipped); a later bench without it continues each run to its full budget")
+                              "skipped); a later bench without it continues each run to its full budget. "
+                              "Default: the suite's read_at_step if it has one (converged: 1024), else none")
     p_bench.add_argument("--tasks", default=None, metavar="T1,T2", help="only the suite's runs on these tasks")
     p_bench.add_argument("--seeds", default=None, metavar="S1,S2", help="only the suite's runs with these seeds")
     p_bench.add_argument("--lrs", default=None, metavar="LR1,LR2",

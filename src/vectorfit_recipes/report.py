@@ -2,20 +2,14 @@
 
 Reads every ``*.json`` result under the results folder (one file per run, written by
 ``vectorfit train --output``), groups runs by (suite, task, model, method), and writes mean ± std
-over seeds, one table per task, the average across tasks, and three plots:
-
-1. metric vs. trainable parameters (log x), one point per method (paper fig. 1);
-2. training strength per vector, layer x vector type, VectorFit with and without AVF (fig. 3);
-3. singular values of dW = W_final - W_init for a few layers, VectorFit vs. full fine-tuning (fig. 9).
-
-Plotting is the only thing here that needs matplotlib; it is imported lazily.
+over seeds, one table per task, the average across tasks, paired differences and rate choices.
+Learning-curve suites are tabulated by ``report_curves.py``, the plots drawn by ``report_plots.py``
+(the only code that needs matplotlib).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -28,16 +22,6 @@ LABELS = {
     "sigma_attn_bias": "VectorFit(Σa+b)", "lora_r1": "LoRA r=1", "lora_r8": "LoRA r=8", "adalora": "AdaLoRA",
     "vera": "VeRA", "ia3": "IA3", "beft": "BEFT", "bitfit": "BitFit", "full": "Full FT",
 }
-# Short names for vector types in the heat-map (module tail -> label), BERT-like and MPNet names.
-_VECTOR_TYPES = [
-    (r"attention\.self\.query|attention\.attn\.q|self_attn\.q_proj", "q"),
-    (r"attention\.self\.key|attention\.attn\.k|self_attn\.k_proj", "k"),
-    (r"attention\.self\.value|attention\.attn\.v|self_attn\.v_proj", "v"),
-    (r"attention\.output\.dense|attention\.attn\.o|self_attn\.o_proj", "o"),
-    (r"intermediate\.dense|mlp\.up_proj", "f1"),
-    (r"(?<!attention\.)output\.dense|mlp\.down_proj", "f2"),
-]
-
 
 def as_fractions(r: dict) -> dict:
     """``r`` with its metric on the 0-1 scale of accuracy, which every table multiplies by 100:
@@ -103,7 +87,8 @@ def aggregate(results: Iterable[dict]) -> dict[tuple, dict]:
             "trainable": runs[0]["trainable_params"], "total": runs[0]["total_params"],
             "adapter_bytes": runs[0].get("adapter_bytes"),
             # median: a run that shared the machine with other work must not move the figure
-            "train_seconds": statistics.median(r["train_seconds"] for r in runs),
+            "train_seconds": statistics.median(secs) if (secs := [r["train_seconds"] for r in runs
+                                                                  if r.get("train_seconds") is not None]) else None,
             "peak_rss_mb": statistics.fmean(r.get("peak_rss_mb") or 0 for r in runs),
             "lr": runs[0]["lr"], "runs": runs,
         }
@@ -136,9 +121,12 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
                 a = agg[k]
                 before = "" if a["test_before"] is None else f"{100 * a['test_before']:.2f}"
                 kb = "" if a["adapter_bytes"] is None else f"{a['adapter_bytes'] / 1024:,.0f}"
+                trainable = "" if a["trainable"] is None else f"{a['trainable']:,}"
+                secs = "" if a["train_seconds"] is None else f"{a['train_seconds']:.0f}"
+                rss = f"{a['peak_rss_mb']:.0f}" if a["peak_rss_mb"] else ""
                 lines.append(
                     f"| {LABELS.get(k[3], k[3])} | {_fmt(*a['test'], a['n'])} | {_fmt(*a['validation'], a['n'])} | {before} | "
-                    f"{a['trainable']:,} | {kb} | {a['lr']:g} | {a['train_seconds']:.0f} | {a['peak_rss_mb']:.0f} |"
+                    f"{trainable} | {kb} | {a['lr']:g} | {secs} | {rss} |"
                 )
             lines.append("")
         # Average across tasks: only methods that ran on every task, mean of the per-task means;
@@ -157,20 +145,11 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
                 full = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
                 mean = statistics.fmean(agg[one[(t, model, m)]]["test"][0] for t in tasks)
                 std = statistics.stdev(full) if len(full) > 1 else 0.0
-                lines.append(f"| {LABELS.get(m, m)} | {_fmt(mean, std, len(full))} | {agg[one[(tasks[0], model, m)]]['trainable']:,} |")
+                trainable = agg[one[(tasks[0], model, m)]]["trainable"]
+                lines.append(f"| {LABELS.get(m, m)} | {_fmt(mean, std, len(full))} | "
+                             + ("" if trainable is None else f"{trainable:,}") + " |")
             lines.append("")
     return lines
-
-
-def _vector_type(name: str) -> Optional[tuple[int, str]]:
-    m = re.search(r"\.(\d+)\.(.+)\.(sigma|bias)$", name)
-    if not m:
-        return None
-    layer, tail, kind = int(m.group(1)), m.group(2), m.group(3)
-    for pattern, short in _VECTOR_TYPES:
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", tail):
-            return layer, f"{short}.{'Σ' if kind == 'sigma' else 'b'}"
-    return layer, f"{tail}.{kind}"
 
 
 def paired_differences(agg: dict, suite: str, reference: str = "vectorfit") -> dict[tuple[str, str, str], dict]:
@@ -327,140 +306,6 @@ def _balance_table(agg: dict, suite: str) -> list[str]:
             "| task | method | coefficient of variation | max / mean |", "|---|---|---|---|", *rows, ""]
 
 
-def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in agg if k[0] == suite]
-    tasks = sorted({k[1] for k in keys})
-    methods = sorted({k[3] for k in keys}, key=_method_key)
-    one = _one_lr(keys)
-    pts = []
-    for m in methods:
-        ks = [k for k in keys if k[3] == m]
-        if len(ks) != len(tasks) or any((k[1], k[2], m) not in one for k in ks):
-            continue  # not run on every task, or a learning-rate sweep
-        pts.append((m, agg[ks[0]]["trainable"], statistics.fmean(100 * agg[k]["test"][0] for k in ks)))
-    if not pts:
-        return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m, n, score in pts:
-        vf = m in ("vectorfit", "no_avf", "sigma", "sigma_attn", "sigma_attn_bias")
-        ax.scatter([n], [score], s=60, marker="*" if vf else "o", color="tab:red" if vf else "tab:blue", zorder=3)
-        ax.annotate(LABELS.get(m, m), (n, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale, incl. the task head)")
-    ax.set_ylabel(f"average test metric × 100 ({len(tasks)} tasks)")
-    ax.set_title(f"Metric vs. trainable parameters — suite '{suite}'")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / f"{suite}_metric_vs_params.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
-#: Which suite the diagnostic plots (heat-map, spectra) are drawn from, first that has the runs.
-DIAGNOSTIC_SUITES = ("curves", "curves-rates", "main", "ablation")
-
-
-def _suites_by_preference(results: list[dict]) -> list[str]:
-    present = {r["_suite"] for r in results}
-    return [s for s in DIAGNOSTIC_SUITES if s in present] + sorted(present - set(DIAGNOSTIC_SUITES))
-
-
-def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -> Optional[Path]:
-    """Heat-maps of the final training strength per vector, with and without AVF (one seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pick = {}
-    for suite in _suites_by_preference(results):  # both panels from one suite (same budget and head)
-        pick = {}
-        runs = [r for r in results if r["_suite"] == suite and r["method"] in ("vectorfit", "no_avf")
-                and r.get("training_strengths") and (task is None or r["task"] == task)]
-        # the pair must differ only by AVF: same task, seed and rate
-        pairs = sorted(((a, b) for a in runs for b in runs if a["method"] == "vectorfit" and b["method"] == "no_avf"
-                        and (a["task"], a["seed"], a["lr"]) == (b["task"], b["seed"], b["lr"])),
-                       key=lambda ab: ab[0]["seed"])  # stable: the suite's own task order
-        if pairs:
-            pick = {"vectorfit": pairs[0][0], "no_avf": pairs[0][1]}
-        if len(pick) == 2:
-            break
-    if len(pick) < 2:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, method in zip(axes, ("no_avf", "vectorfit")):
-        r = pick[method]
-        cells = {}
-        for name, v in r["training_strengths"].items():
-            lt = _vector_type(name)
-            if lt is not None:
-                cells[lt] = v
-        layers = sorted({l for l, _ in cells})
-        types = [t for _, s in _VECTOR_TYPES for t in (f"{s}.Σ", f"{s}.b") if any(tt == t for _, tt in cells)]
-        grid = [[cells.get((l, t), math.nan) for t in types] for l in layers]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(types)), types, rotation=45, fontsize=8)
-        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-        ax.set_ylabel("layer")
-        flat = [x for row in grid for x in row if not math.isnan(x)]
-        cv = statistics.pstdev(flat) / statistics.fmean(flat) if flat and statistics.fmean(flat) > 0 else float("nan")
-        ax.set_title(f"{LABELS[method]} — {r['task']}, seed {r['seed']}\nmean |v0 − v| (coefficient of variation {cv:.2f})", fontsize=9)
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = out / "training_strength_heatmap.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
-def plot_spectra(results: list[dict], out: Path) -> Optional[Path]:
-    """Singular values of dW for the layers both VectorFit and full fine-tuning recorded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pick, tasks = {}, []
-    for suite in _suites_by_preference(results):  # VectorFit and full fine-tuning from one suite
-        pick = {}
-        for r in sorted((r for r in results if r["_suite"] == suite), key=lambda r: r["seed"]):
-            if r["method"] in ("vectorfit", "full") and r.get("delta_spectra"):
-                pick.setdefault((r["task"], r["method"]), r)
-        tasks = [t for t in sorted({t for t, _ in pick}) if (t, "vectorfit") in pick and (t, "full") in pick]
-        if tasks:
-            break
-    if not tasks:
-        return None
-    task = tasks[0]
-    vf, ft = pick[(task, "vectorfit")]["delta_spectra"], pick[(task, "full")]["delta_spectra"]
-    layers = [n for n in vf if n in ft]
-    if not layers:
-        return None
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], layers):
-        for spec, label, color in ((vf[name], "VectorFit", "tab:red"), (ft[name], "Full FT", "tab:blue")):
-            top = max(spec) or 1.0
-            ax.plot(range(1, len(spec) + 1), [s / top for s in spec], label=label, color=color)
-        ax.set_yscale("log")
-        ax.set_title(name.replace("encoder.layer.", "L").replace("attention.", "att."), fontsize=8)
-        ax.set_xlabel("index")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("σ_i(ΔW) / σ_max")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Spectrum of ΔW = W_final − W_init ({task}, seed {pick[(task, 'vectorfit')]['seed']})", fontsize=10)
-    fig.tight_layout()
-    path = out / "delta_w_spectra.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
 def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, suite_names: Optional[list[str]] = None) -> Path:
     """Write the Markdown report and its plots (next to it, in ``plots/``)."""
     results = load_results(results_dir, suite_names)
@@ -469,9 +314,11 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     agg = aggregate(results)
     plots = out_md.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    from .report_curves import curve_tables, load_partials, plot_curves
+    from .report_curves import curve_tables, load_partials, plot_curves, read_at
+    from .report_plots import plot_params, plot_spectra, plot_strengths
 
-    order = ("curves-rates", "curves", "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
+    # "converged" first: the table at a budget where the methods have converged is the headline
+    order = ("converged", "curves-rates", "curves", "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
     suites: list[str] = []
     # A suite whose runs (finished or not) are all runs of a suite shown above is not repeated: the
     # curves and recipe suites start with curves-rates' runs, and would show the same curves again.
@@ -500,6 +347,22 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}
         lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
+        own = known_suites()[suite].get("method_settings") or {}
+        if own:  # e.g. VectorFit's budget-dependent AVF schedule: runs of their own
+            lines += ["Methods with settings of their own: " + "; ".join(
+                f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items()) for m, st in own.items()) + ".", ""]
+        at = known_suites()[suite].get("read_at_step")
+        if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
+            sub = aggregate(read_at(with_partial, suite, int(at)))
+            lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
+                      "curve suites are read there, finished or still training; a run that has not reached it yet "
+                      "is not counted. Training strengths (balance table) are those of runs that ended at "
+                      f"step {at}.", ""]
+            lines += _suite_tables(sub, suite) + _paired_table(sub, suite) + _balance_table(sub, suite)
+            p = plot_params(sub, suite, plots)
+            if p:
+                lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
+            continue
         curves = curve_tables(with_partial, suite, source)
         if curves:  # a learning-curve suite: tables per budget and plots instead of one final number
             if source:

@@ -23,7 +23,7 @@ def _method_key(m: str) -> tuple:
     return (ORDER.index(base) if base in ORDER else len(ORDER), m)
 
 __all__ = ["curve_groups", "curve_tables", "curve_paired", "paired_rates", "plot_curves", "choose_rates", "rates_from",
-           "late_mean", "load_partials"]
+           "late_mean", "load_partials", "read_at"]
 
 
 def _label(key: str) -> str:
@@ -51,6 +51,41 @@ def load_partials(root: Path, suite: str) -> list[dict]:
             continue
         out.append({**as_fractions(r), "_suite": suite, "_partial": True, "_path": str(part),
                     "trainable_params": r.get("trainable_params")})
+    return out
+
+
+def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
+    """The runs of ``suite`` as if each had stopped at ``step``: a suite with ``"read_at_step"``.
+
+    A constant-rate run is, at each checkpoint, the run that would have stopped there, so a table at
+    one budget can be read off learning curves, finished or still going. Each run's ``test``,
+    ``validation`` and ``train_seconds`` become its curve point's at ``step``; a run whose curve has
+    not reached ``step`` is left out. What a run measured only at its end (training strengths, ΔW
+    spectra, peak memory, adapter size) is dropped unless it ended at ``step``. Parameter counts an
+    older ``.partial`` lacks are taken from a finished run of the same task, model and method.
+
+    Returns:
+        Result dicts in the shape ``report.aggregate`` takes, tagged ``_suite``.
+    """
+    from .bench import curve_point
+
+    sizes = {(r["task"], r["model"], r["method"]): (r["trainable_params"], r.get("total_params"))
+             for r in results if not r.get("_partial") and r.get("trainable_params")}
+    out = []
+    for r in results:
+        p = curve_point(r, step) if r["_suite"] == suite else None
+        if p is None:
+            continue
+        key = (r["task"], r["model"], r["method"])
+        trainable, total = ((r["trainable_params"], r.get("total_params")) if r.get("trainable_params")
+                            else sizes.get(key, (None, None)))
+        at = {**r, "test": p["test"], "validation": p["validation"], "steps": step,
+              "train_seconds": p.get("train_seconds", r.get("train_seconds")),
+              "trainable_params": trainable, "total_params": total}
+        if r.get("_partial") or r.get("steps") != step:
+            for k in ("training_strengths", "delta_spectra", "peak_rss_mb", "adapter_bytes", "avf"):
+                at.pop(k, None)
+        out.append(at)
     return out
 
 

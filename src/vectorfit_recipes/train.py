@@ -334,7 +334,8 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
             _write_json(ckpt_mod.partial_path(cfg.output), {
                 "partial": True, "task": cfg.task, "model": cfg.model, "method": cfg.method,
                 "seed": cfg.seed, "lr": lr, "metric": metric, "curve": st.curve,
-                "total_steps": data.total_steps, "config": run_info.jsonable(cfg), **extra})
+                "total_steps": data.total_steps, "trainable_params": setup.trainable, "total_params": setup.total,
+                "config": run_info.jsonable(cfg), **extra})
 
     def keep() -> None:
         """Write the checkpoint; the optimisation time so far goes into it and the clock restarts
