@@ -282,3 +282,30 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 64}, {"step": 128, "train_seconds": 228.0}]}))
     assert bench.training_left(out) is None and bench.status("smoke", results)[0]["left_s"] is None
+
+
+def test_a_bench_beside_another_bench_gives_its_runs_one_thread(tmp_path):
+    """Two benches over one results folder share the work; the second one's runs must not take
+    torch's default of one thread per core beside the first one's (the cores would be oversubscribed,
+    benchmarks/THREADS.md). Another process's run is recognised by the lock it holds."""
+    from vectorfit_recipes import checkpoint
+
+    results = tmp_path / "results"
+    other = bench.runs_of("sweep")[0].path(results)
+    other.parent.mkdir(parents=True)
+
+    def commands(**kw) -> list[str]:
+        lines: list[str] = []
+        assert bench.run_suite("smoke", results, dry_run=True, log=lines.append, **kw) == 0
+        return lines
+
+    alone = commands()
+    assert not any("--threads" in line for line in alone) and len(alone) == 3  # header + 2 runs
+    with checkpoint.output_lock(str(other)):
+        beside = commands()
+        assert f"1 run(s) under {results} are training in other processes (e.g. {other.relative_to(results)})" \
+            in beside[1]
+        assert [line.endswith("--threads 1") for line in beside[2:]] == [True, True]
+        chosen = commands(threads=2)  # an explicit choice stands
+        assert len(chosen) == 3 and all(line.endswith("--threads 2") for line in chosen[1:])
+    assert bench.runs_training_under(results) == []  # released: an idle lock file is not a run

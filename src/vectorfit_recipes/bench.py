@@ -108,6 +108,15 @@ def curve_point(d: Optional[dict], step: int) -> Optional[dict]:
     return None
 
 
+def runs_training_under(results: Path) -> list[str]:
+    """The result files under ``results`` whose runs another process is training now (it holds the
+    run's ``.lock``), relative to ``results``."""
+    from .checkpoint import output_busy
+
+    return sorted(str(Path(str(lock)[: -len(".lock")]).relative_to(results))
+                  for lock in Path(results).glob("**/*.json.lock") if output_busy(str(lock)[: -len(".lock")]))
+
+
 def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
     """The runs whose method, task, seed and rate are among ``only``'s (e.g. ``{"methods": ["vectorfit"],
     "lrs": ["3e-3"]}``); order kept. A value the suite does not have is an error that lists the ones it has.
@@ -256,8 +265,10 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         limit: run at most this many missing runs.
         jobs: runs at once, each in its own process. Two one-thread runs use a 2-core machine
             better than one two-thread run, and keep threads from spin-waiting against each other.
-        threads: torch threads per run; none = 1 when ``jobs > 1``, else torch's default. Not part
-            of a run's identity: it changes the speed, not the numbers.
+        threads: torch threads per run; none = 1 when ``jobs > 1`` or when another process trains a run
+            under ``results`` (another bench: torch's default of a thread per core would oversubscribe
+            the cores), else torch's default. Not part of a run's identity: it changes the speed, not
+            the numbers.
         only: run only some of the suite's runs (:func:`select`), e.g. ``{"methods": ["vectorfit"]}``.
         stop_at_step: take every run only this far (``vectorfit train --stop-at-step``; the checkpoint
             stays, so a later bench without it continues each run to its full budget). Runs that have
@@ -295,6 +306,11 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         todo = todo[:limit]
     if threads is None and jobs > 1:
         threads = 1
+    elif threads is None and (elsewhere := runs_training_under(results)):
+        # torch's default (one thread per core) beside another bench's runs oversubscribes the cores
+        threads = 1
+        log(f"[bench] {len(elsewhere)} run(s) under {results} are training in other processes "
+            f"(e.g. {elsewhere[0]}): each run gets 1 thread (pass --threads to choose)")
     extra = ["--threads", str(threads)] if threads else []
     if stop_at_step is not None:
         extra += ["--stop-at-step", str(stop_at_step)]

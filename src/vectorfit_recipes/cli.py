@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--jobs", type=int, default=1,
                          help="runs at once, each in its own process (default: %(default)s); 2 on a 2-core machine")
     p_bench.add_argument("--threads", type=int, default=None,
-                         help="torch threads per run (default: 1 when --jobs > 1, else torch's default)")
+                         help="torch threads per run (default: 1 when --jobs > 1 or when another bench is training "
+                              "a run in the same results folder, else torch's default)")
 
     p_report = sub.add_parser(
         "report", help="turn result files into a Markdown report with tables and plots",
