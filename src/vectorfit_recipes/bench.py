@@ -113,8 +113,8 @@ def runs_training_under(results: Path) -> list[str]:
     run's ``.lock``), relative to ``results``."""
     from .checkpoint import output_busy
 
-    return sorted(str(Path(str(lock)[: -len(".lock")]).relative_to(results))
-                  for lock in Path(results).glob("**/*.json.lock") if output_busy(str(lock)[: -len(".lock")]))
+    outputs = (Path(str(lock)[: -len(".lock")]) for lock in Path(results).glob("**/*.json.lock"))
+    return sorted(str(out.relative_to(results)) for out in outputs if output_busy(str(out)))
 
 
 def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:

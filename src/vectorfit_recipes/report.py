@@ -325,7 +325,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     shown: set = set()
     from .bench import suites as known_suites
 
-    known = set(known_suites())
+    known = known_suites()  # read once: every suite's spec below comes from it
     partials = {name: load_partials(results_dir, name) for name in suite_names or order if name in known}
     for name, unfinished in partials.items():
         own = {r["_path"] for r in results if r["_suite"] == name} | {p["_path"] for p in unfinished}
@@ -340,18 +340,20 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     for suite in suites:
         lines += [f"## Suite `{suite}`", ""]
         with_partial = results + partials[suite]
-        source = known_suites()[suite].get("rates_chosen_by")  # a sweep's choice holds here (curves)
+        spec = known[suite]
+        source = spec.get("rates_chosen_by")  # a sweep's choice holds here (curves)
         if source:
             with_partial += partials[source] if source in partials else load_partials(results_dir, source)
         settings = {k: v for k, v in next(r for r in with_partial if r["_suite"] == suite)["config"].items()
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}
         lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
-        own = known_suites()[suite].get("method_settings") or {}
-        if own:  # e.g. VectorFit's budget-dependent AVF schedule: runs of their own
+        method_settings = spec.get("method_settings") or {}
+        if method_settings:  # e.g. VectorFit's budget-dependent AVF schedule: runs of their own
             lines += ["Methods with settings of their own: " + "; ".join(
-                f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items()) for m, st in own.items()) + ".", ""]
-        at = known_suites()[suite].get("read_at_step")
+                f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items())
+                for m, st in method_settings.items()) + ".", ""]
+        at = spec.get("read_at_step")
         if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
             sub = aggregate(read_at(with_partial, suite, int(at)))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
