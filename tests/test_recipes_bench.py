@@ -83,6 +83,25 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     assert len({r.path(Path("x")) for r in bench.runs_of("main")}) == len(bench.runs_of("main"))
 
 
+def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_path):
+    """recipe's three options share task, method, rate and seed; only the settings tell them apart.
+    Status and progress lines must name the option, and the name must not enter the run's path (a
+    renamed option would otherwise orphan its finished runs)."""
+    runs = [r for r in bench.runs_of("recipe") if (r.task, r.seed) == ("movie", 0)]
+    assert [r.option for r in runs] == list(bench.suites()["recipe"]["options"])
+    assert [r.label for r in runs][1] == "movie/vectorfit[relative]/lr0.001/seed0"
+    renamed = bench.Run(*[getattr(runs[1], f) for f in ("task", "model", "method", "seed", "lr", "settings")], "other")
+    assert renamed == runs[1] and renamed.path(tmp_path) == runs[1].path(tmp_path)
+    lines = []
+    bench.print_status("recipe", tmp_path, only={"tasks": ["movie"], "seeds": [0]}, log=lines.append)
+    assert [ln.split()[3] for ln in lines[1:]] == ["vectorfit[paper]", "vectorfit[relative]", "vectorfit[bias_lr_0.1]"]
+    assert [r.option for r in bench.select(runs, {"options": ["relative", "paper"]})] == ["paper", "relative"]
+    with pytest.raises(SystemExit, match="its options: bias_lr_0.1, paper, relative"):
+        bench.select(runs, {"options": ["relativ"]}, "recipe")
+    # a suite without options shows the bare method
+    assert all(r.option == "" and r.shown_method == r.method for r in bench.runs_of("main"))
+
+
 def test_every_run_of_every_suite_is_a_valid_train_command(tmp_path):
     """Each suite run is a `vectorfit train` command line. Parsed by the real CLI parser, it must
     give a config that validates and carries the run's identity. A typo in suites.json (an unknown
@@ -214,6 +233,8 @@ def test_bench_filters_keep_the_suite_order_and_name_what_a_suite_lacks():
         bench.select(runs, {"lrs": ["7e-3"]}, "curves-rates")
     with pytest.raises(SystemExit, match="--lrs takes learning rates"):
         bench.select(runs, {"lrs": ["fast"]}, "curves-rates")
+    with pytest.raises(SystemExit, match="has no options relative; it has no named options"):
+        bench.select(runs, {"options": ["relative"]}, "curves-rates")
 
 
 def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(tmp_path, capsys):
@@ -259,6 +280,15 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     lines = []
     bench.print_status("smoke", results, log=lines.append)
     assert "step 128 " in lines[1] and lines[1].endswith(" ~4 min of training left")
+    # asked at step 128 (bench --status --stop-at-step 128): reached, so done, with its numbers there
+    Path(f"{out}.partial").write_text(json.dumps({**json.loads(Path(f"{out}.partial").read_text()), "curve": [
+        {"step": 64, "train_seconds": 100.0}, {"step": 128, "train_seconds": 228.0, "test": 0.7, "validation": 0.6}]}))
+    assert [(r["state"], r["step"], r.get("test")) for r in bench.status("smoke", results, at_step=128)] == [
+        ("done", 128, 0.7), ("not started", None, None)]
+    assert bench.status("smoke", results, at_step=256)[0]["state"] == "stopped"
+    Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
+        {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0},
+        {"step": 128, "train_seconds": 228.0}]}))
     # a running run has trained on since its last point was written (100 s ago here): 256 - 100 s left;
     # a stopped one has not, so its estimate stays
     # (the lock's time is its holder's start: taken now, then dated back as if taken 150 s ago)

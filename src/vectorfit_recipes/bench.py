@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -29,11 +29,19 @@ class Run:
     seed: int
     lr: float
     settings: tuple  # sorted (flag, value) pairs
+    # the suite's name for its "options" entry (e.g. recipe's "relative"): shown, not part of the
+    # identity (the settings are), so two suites naming the same settings differently share the run
+    option: str = field(default="", compare=False)
+
+    @property
+    def shown_method(self) -> str:
+        """The method, with the option's name when the suite has several (``vectorfit[relative]``)."""
+        return f"{self.method}[{self.option}]" if self.option else self.method
 
     @property
     def label(self) -> str:
         """``task/method/lr/seed``, for progress lines."""
-        return f"{self.task}/{self.method}/lr{self.lr:g}/seed{self.seed}"
+        return f"{self.task}/{self.shown_method}/lr{self.lr:g}/seed{self.seed}"
 
     def settings_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.settings).encode()).hexdigest()[:8]
@@ -83,9 +91,11 @@ def runs_of(name: str) -> list[Run]:
                     # "method_settings": a method's own settings (e.g. a budget-dependent schedule);
                     # "options": named extra settings, each a run of its own (e.g. a recipe variant)
                     own = s.get("method_settings", {}).get(method, {})
-                    for opt in s.get("options", {"": {}}).values():
+                    options = s.get("options", {"": {}})
+                    for opt_name, opt in options.items():
                         st = tuple(sorted({**dict(settings), **own, **opt}.items()))
-                        out += [(seed, rank, Run(task, model, method, seed, float(lr), st))
+                        shown = opt_name if len(options) > 1 else ""
+                        out += [(seed, rank, Run(task, model, method, seed, float(lr), st, shown))
                                 for rank, lr in enumerate(lrs)]
     return [r for _, _, r in sorted(out, key=lambda x: (x[0], x[1]))]  # stable: keeps task/method order
 
@@ -118,12 +128,12 @@ def runs_training_under(results: Path) -> list[str]:
 
 
 def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
-    """The runs whose method, task, seed and rate are among ``only``'s (e.g. ``{"methods": ["vectorfit"],
-    "lrs": ["3e-3"]}``); order kept. A value the suite does not have is an error that lists the ones it has.
+    """The runs whose method, task, seed, rate and option are among ``only``'s (e.g. ``{"methods":
+    ["vectorfit"], "lrs": ["3e-3"]}``, ``{"options": ["relative"]}``); order kept. A value the suite does not have is an error that lists the ones it has.
     Rates compare as numbers, so ``3e-3`` and ``0.003`` are the same rate."""
     if not only:
         return runs
-    fields = {"methods": "method", "tasks": "task", "seeds": "seed", "lrs": "lr"}
+    fields = {"methods": "method", "tasks": "task", "seeds": "seed", "lrs": "lr", "options": "option"}
     keep = runs
     for key, values in only.items():
         if key not in fields:
@@ -134,8 +144,8 @@ def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
         wanted = {str(v).strip() for v in values}
         unknown = sorted(wanted - set(have))
         if unknown:
-            raise SystemExit(f"vectorfit bench: suite {suite} has no {key} {', '.join(unknown)}; "
-                             f"its {key}: {', '.join(have)}")
+            its = f"its {key}: {', '.join(have)}" if have != [""] else "it has no named options"
+            raise SystemExit(f"vectorfit bench: suite {suite} has no {key} {', '.join(unknown)}; {its}")
         keep = [r for r in keep if str(getattr(r, fields[key])) in wanted]
     return keep
 
@@ -192,8 +202,12 @@ def training_left(path: Path) -> Optional[float]:
     return _left(_partial(path))
 
 
-def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
+def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optional[int] = None) -> list[dict]:
     """Where each run of a suite stands, read from its files (nothing is run or changed).
+
+    Args:
+        at_step: count a run done once its curve reaches this step, with its numbers there (what
+            ``bench --stop-at-step`` takes runs to); default: the suite's ``read_at_step``, if any.
 
     Returns:
         One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
@@ -205,7 +219,7 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
     """
     from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
 
-    at = read_at_step(name)
+    at = at_step if at_step is not None else read_at_step(name)
     out = []
     for r in select(runs_of(name), only, name):
         path = r.path(results)
@@ -238,11 +252,13 @@ def status(name: str, results: Path, only: Optional[dict] = None) -> list[dict]:
     return out
 
 
-def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any = print) -> None:
+def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any = print,
+                 at_step: Optional[int] = None) -> None:
     """``vectorfit bench --status``: one line per run of the suite (see :func:`status`)."""
-    rows = status(name, results, only)
+    rows = status(name, results, only, at_step)
     counts = {k: sum(r["state"] == k for r in rows) for k in ("done", "running", "stopped", "not started")}
     log(f"[bench] suite {name}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; results in {results}")
+    width = max([16] + [len(row["run"].shown_method) for row in rows])
     for row in rows:
         r = row["run"]
         where = f"step {row['step']}" if row["step"] is not None else ""
@@ -250,7 +266,7 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
                  if row["state"] == "done" and row.get("test") is not None else "")
         if row["left_s"] is not None:
             score = f"~{row['left_s'] / 60:.0f} min of training left"
-        log(f"  {row['state']:<11} {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
+        log(f"  {row['state']:<11} {r.task:<12} {r.shown_method:<{width}} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
 
 
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,

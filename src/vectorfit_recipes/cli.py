@@ -191,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                          help="take every run only to step N, keeping its checkpoint (runs already there are "
                               "skipped); a later bench without it continues each run to its full budget. "
-                              "Default: the suite's read_at_step if it has one (converged: 1024), else none")
+                              "Default: the suite's read_at_step if it has one (converged: 1024), else none. "
+                              "With --status: a run that has reached step N shows as done, with its numbers there")
     p_bench.add_argument("--tasks", default=None, metavar="T1,T2", help="only the suite's runs on these tasks")
     p_bench.add_argument("--seeds", default=None, metavar="S1,S2", help="only the suite's runs with these seeds")
+    p_bench.add_argument("--options", default=None, metavar="O1,O2",
+                         help="only the suite's runs with these of its named options (recipe: paper, relative, "
+                              "bias_lr_0.1; --status shows them in brackets after the method)")
     p_bench.add_argument("--lrs", default=None, metavar="LR1,LR2",
                          help="only the suite's runs at these learning rates (e.g. 3e-3 to run a method's chosen "
                               "rate's seeds before its other rates)")
@@ -402,11 +406,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .bench import run_suite
 
             results = Path(ns.results) if ns.results else _repo_path("benchmarks/results")
-            only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds", "lrs") if getattr(ns, k)}
+            only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds", "lrs", "options")
+                    if getattr(ns, k)}
             if ns.status:
                 from .bench import print_status
 
-                print_status(ns.suite, results, only)
+                print_status(ns.suite, results, only, at_step=ns.stop_at_step)
                 return 0
             return 1 if run_suite(ns.suite, results, dry_run=ns.dry_run, limit=ns.limit,
                                   jobs=ns.jobs, threads=ns.threads, only=only, stop_at_step=ns.stop_at_step) else 0
