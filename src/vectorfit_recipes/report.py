@@ -347,13 +347,16 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
         settings = {k: v for k, v in next(r for r in with_partial if r["_suite"] == suite)["config"].items()
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}
+        at = spec.get("read_at_step")
+        budget = spec.get("settings", {}).get("max_steps")
+        if at is not None and budget not in (None, at):  # the curves' budget, not the table's
+            settings["max_steps"] = f"{budget} (read at step {at})"
         lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
         method_settings = spec.get("method_settings") or {}
         if method_settings:  # e.g. VectorFit's budget-dependent AVF schedule: runs of their own
             lines += ["Methods with settings of their own: " + "; ".join(
                 f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items())
                 for m, st in method_settings.items()) + ".", ""]
-        at = spec.get("read_at_step")
         if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
             sub = aggregate(read_at(with_partial, suite, int(at)))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
