@@ -475,3 +475,31 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
 
     (early,) = read_at([{**json.loads(lora[0].path(tmp_path).read_text()), "_suite": "converged"}], "converged", 2)
     assert early["test"] == 0.60 and early["steps"] == 2 and "training_strengths" not in early
+
+
+def test_a_rate_check_read_at_one_step_chooses_by_the_mean_validation_there(tmp_path, monkeypatch):
+    """``converged-rates``: several rates per method, read at one step of the shared curves; the rate
+    is chosen by the mean validation over the seeds at that step, not at the runs' ends. By hand:
+    at step 2, 1e-3 averages (0.80 + 0.70) / 2 = 75.00 and 2e-3 (0.74 + 0.74) / 2 = 74.00, so 1e-3
+    wins there, although 2e-3 is ahead at step 4 (0.90 against 0.60 on both seeds)."""
+    from vectorfit_recipes import report
+
+    settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
+    rates = {"tasks": ["movie"], "models": ["minilm"], "methods": ["lora_r1"], "seeds": [0, 1],
+             "lrs": {"lora_r1": [0.002, 0.001]}, "settings": settings, "read_at_step": 2}
+    monkeypatch.setattr(bench, "suites", lambda: {"converged-rates": rates})
+    runs = {(r.lr, r.seed): r for r in bench.runs_of("converged-rates")}
+    at2 = {(0.001, 0): 0.80, (0.001, 1): 0.70, (0.002, 0): 0.74, (0.002, 1): 0.74}
+    for (lr, seed), val in at2.items():
+        path = runs[(lr, seed)].path(tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        end = 0.60 if lr == 0.001 else 0.90
+        curve = [{"step": 2, "validation": val, "test": val, "train_seconds": 1.0},
+                 {"step": 4, "validation": end, "test": end, "train_seconds": 2.0}]
+        path.write_text(json.dumps({"task": "movie", "model": "minilm", "method": "lora_r1", "seed": seed, "lr": lr,
+                                    "metric": "accuracy", "curve": curve, "config": {"pooling": "mean"},
+                                    "test": end, "validation": end, "steps": 4, "train_seconds": 2.0,
+                                    "trainable_params": 5, "total_params": 10}))
+    text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
+    section = text[text.index("## Suite `converged-rates`"):]
+    assert "| movie | minilm | LoRA r=1 | 2 | 0.001: 75.00, 0.002: 74.00 | 0.001 |" in section

@@ -318,7 +318,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     from .report_plots import plot_params, plot_spectra, plot_strengths
 
     # "converged" first: the table at a budget where the methods have converged is the headline
-    order = ("converged", "converged-ablation", "curves-rates", "curves", "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
+    order = ("converged", "converged-ablation", "converged-rates", "curves-rates", "curves", "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
     suites: list[str] = []
     # A suite whose runs (finished or not) are all runs of a suite shown above is not repeated: the
     # curves and recipe suites start with curves-rates' runs, and would show the same curves again.
@@ -363,7 +363,8 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
                       "is not counted. Training strengths (balance table) are those of runs that ended at "
                       f"step {at}.", ""]
-            lines += _suite_tables(sub, suite) + _paired_table(sub, suite) + _balance_table(sub, suite)
+            lines += (_suite_tables(sub, suite) + _rate_choice_lines(sub, suite) + _paired_table(sub, suite)
+                      + _balance_table(sub, suite))
             p = plot_params(sub, suite, plots)
             if p:
                 lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
