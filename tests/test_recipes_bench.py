@@ -292,6 +292,8 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     assert [(r["state"], r["step"], r.get("test")) for r in bench.status("smoke", results, at_step=128)] == [
         ("done", 128, 0.7), ("not started", None, None)]
     assert bench.status("smoke", results, at_step=256)[0]["state"] == "stopped"
+    # not there yet: the time left is to that step (160 - 128 = 32 steps at 2 s), not to the run's end
+    assert bench.status("smoke", results, at_step=160)[0]["left_s"] == pytest.approx(64.0)
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0},
         {"step": 128, "train_seconds": 228.0}]}))

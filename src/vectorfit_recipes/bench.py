@@ -177,12 +177,15 @@ def _reached(d: Optional[dict]) -> Optional[int]:
     return max(steps) if steps else None
 
 
-def _left(d: Optional[dict]) -> Optional[float]:
+def _left(d: Optional[dict], upto: Optional[int] = None) -> Optional[float]:
+    """Training seconds from the last curve point to step ``upto`` (default: the run's end)."""
     try:
         timed = [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
         if len(timed) < 2:
             return None
         (a, b), total = timed[-2:], int(d["total_steps"])
+        if upto is not None:
+            total = min(total, upto)
         pace = (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
     except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
         return None
@@ -213,7 +216,7 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
         process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
         run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
-        ``left_s`` (an unfinished run's :func:`training_left`; for a running one, less the time since
+        ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running one, less the time since
         its ``.partial`` was written or, if later, since its process started) and, when done, ``test`` and
         ``validation``.
     """
@@ -232,7 +235,7 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
                 row.update(step=at, test=p.get("test"), validation=p.get("validation"))
         else:
             part = _partial(path)  # read once for both
-            row["step"], row["left_s"] = _reached(part), _left(part)
+            row["step"], row["left_s"] = _reached(part), _left(part, at)
             p = curve_point(part, at) if at is not None else None
             if p is not None:  # far enough for this suite; whatever it trains on does not change it
                 row.update(state="done", step=at, test=p.get("test"), validation=p.get("validation"), left_s=None)
