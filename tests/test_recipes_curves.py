@@ -475,6 +475,12 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
 
     (early,) = read_at([{**json.loads(lora[0].path(tmp_path).read_text()), "_suite": "converged"}], "converged", 2)
     assert early["test"] == 0.60 and early["steps"] == 2 and "training_strengths" not in early
+    assert early["train_seconds"] == 20.0  # the point's time, not the run's 40 s to step 4
+    # an untimed point (older runs) has no time at the step: not the run's time to its end
+    old = json.loads(lora[0].path(tmp_path).read_text())
+    old["curve"] = [{k: v for k, v in p.items() if k != "train_seconds"} for p in old["curve"]]
+    assert read_at([{**old, "_suite": "converged"}], "converged", 2)[0]["train_seconds"] is None
+    assert read_at([{**old, "_suite": "converged"}], "converged", 4)[0]["train_seconds"] == 40.0
 
 
 def test_a_rate_check_read_at_one_step_chooses_by_the_mean_validation_there(tmp_path, monkeypatch):

@@ -79,10 +79,13 @@ def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
         key = (r["task"], r["model"], r["method"])
         trainable, total = ((r["trainable_params"], r.get("total_params")) if r.get("trainable_params")
                             else sizes.get(key, (None, None)))
+        # a curve point from before points were timed has no time: the run's own is its time to the
+        # end, which is this step's only if the run ended here
+        ended_here = not r.get("_partial") and r.get("steps") == step
         at = {**r, "test": p["test"], "validation": p["validation"], "steps": step,
-              "train_seconds": p.get("train_seconds", r.get("train_seconds")),
+              "train_seconds": p.get("train_seconds", r.get("train_seconds") if ended_here else None),
               "trainable_params": trainable, "total_params": total}
-        if r.get("_partial") or r.get("steps") != step:
+        if not ended_here:
             for k in ("training_strengths", "delta_spectra", "peak_rss_mb", "adapter_bytes", "avf"):
                 at.pop(k, None)
         out.append(at)
