@@ -86,7 +86,7 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     conv, conv_abl = set(bench.runs_of("converged")), bench.runs_of("converged-ablation")
     assert {r.method for r in conv_abl if r in conv} == {"vectorfit", "no_avf"}
     assert {r.task for r in conv_abl} == {"movie", "bbc"} and {r.seed for r in conv_abl} == {0, 1, 2}
-    assert {dict(r.settings)["max_steps"] for r in conv_abl} == {1024} and {r.lr for r in conv_abl} == {0.003}
+    assert {dict(r.settings)["max_steps"] for r in conv_abl} == {1024} and {r.lr for r in conv_abl} == {0.001}
 
 
 def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_path):
