@@ -491,21 +491,25 @@ def test_a_rate_check_read_at_one_step_chooses_by_the_mean_validation_there(tmp_
     from vectorfit_recipes import report
 
     settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
-    rates = {"tasks": ["movie"], "models": ["minilm"], "methods": ["lora_r1"], "seeds": [0, 1],
-             "lrs": {"lora_r1": [0.002, 0.001]}, "settings": settings, "read_at_step": 2}
+    rates = {"tasks": ["movie"], "models": ["minilm"], "methods": ["vectorfit", "lora_r1"], "seeds": [0, 1],
+             "lrs": {"lora_r1": [0.002, 0.001], "vectorfit": [0.003]}, "settings": settings, "read_at_step": 2}
     monkeypatch.setattr(bench, "suites", lambda: {"converged-rates": rates})
-    runs = {(r.lr, r.seed): r for r in bench.runs_of("converged-rates")}
-    at2 = {(0.001, 0): 0.80, (0.001, 1): 0.70, (0.002, 0): 0.74, (0.002, 1): 0.74}
-    for (lr, seed), val in at2.items():
-        path = runs[(lr, seed)].path(tmp_path)
+    runs = {(r.method, r.lr, r.seed): r for r in bench.runs_of("converged-rates")}
+    at2 = {("lora_r1", 0.001, 0): 0.80, ("lora_r1", 0.001, 1): 0.70, ("lora_r1", 0.002, 0): 0.74,
+           ("lora_r1", 0.002, 1): 0.74, ("vectorfit", 0.003, 0): 0.78, ("vectorfit", 0.003, 1): 0.75}
+    for (method, lr, seed), val in at2.items():
+        path = runs[(method, lr, seed)].path(tmp_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         end = 0.60 if lr == 0.001 else 0.90
         curve = [{"step": 2, "validation": val, "test": val, "train_seconds": 1.0},
                  {"step": 4, "validation": end, "test": end, "train_seconds": 2.0}]
-        path.write_text(json.dumps({"task": "movie", "model": "minilm", "method": "lora_r1", "seed": seed, "lr": lr,
+        path.write_text(json.dumps({"task": "movie", "model": "minilm", "method": method, "seed": seed, "lr": lr,
                                     "metric": "accuracy", "curve": curve, "config": {"pooling": "mean"},
                                     "test": end, "validation": end, "steps": 4, "train_seconds": 2.0,
                                     "trainable_params": 5, "total_params": 10}))
     text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
     section = text[text.index("## Suite `converged-rates`"):]
     assert "| movie | minilm | LoRA r=1 | 2 | 0.001: 75.00, 0.002: 74.00 | 0.001 |" in section
+    # paired at the chosen rate: VectorFit (0.78, 0.75) minus LoRA r=1 at 1e-3 (0.80, 0.70) = (-2, +5)
+    # -> +1.50 ± 4.95, ahead on 1 of 2 (against 2e-3 it would be +2.50)
+    assert "| LoRA r=1 | +1.50 ± 4.95 (1/2) |" in section

@@ -232,6 +232,20 @@ def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
     return out
 
 
+def at_chosen_rates(agg: dict, suite: str) -> dict:
+    """``agg`` with each of ``suite``'s methods at one rate: the one :func:`rate_choice` chose where it
+    ran several on the same seeds, else its only rate (a method whose rates have no common seeds yet
+    is dropped), so that a rate check can be paired by seed like a one-rate suite."""
+    choice = rate_choice(agg, suite)
+    rates: dict = defaultdict(set)
+    for k in agg:
+        if k[0] == suite:
+            rates[(k[1], k[2], k[3])].add(k[4])
+    keep = {tmm: choice[tmm]["lr"] if tmm in choice else next(iter(lrs))
+            for tmm, lrs in rates.items() if tmm in choice or len(lrs) == 1}
+    return {k: a for k, a in agg.items() if k[0] != suite or keep.get((k[1], k[2], k[3])) == k[4]}
+
+
 def _rate_choice_lines(agg: dict, suite: str) -> list[str]:
     choice = rate_choice(agg, suite)
     if not choice:
@@ -363,8 +377,11 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
                       "is not counted. Training strengths (balance table) are those of runs that ended at "
                       f"step {at}.", ""]
-            lines += (_suite_tables(sub, suite) + _rate_choice_lines(sub, suite) + _paired_table(sub, suite)
-                      + _balance_table(sub, suite))
+            lines += _suite_tables(sub, suite) + _rate_choice_lines(sub, suite)
+            if rate_choice(sub, suite):  # a rate check: pair the methods at their chosen rates
+                sub = at_chosen_rates(sub, suite)
+                lines += ["Paired below at each method's chosen rate (the rate choice above).", ""]
+            lines += _paired_table(sub, suite) + _balance_table(sub, suite)
             p = plot_params(sub, suite, plots)
             if p:
                 lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
