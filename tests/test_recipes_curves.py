@@ -491,12 +491,14 @@ def test_a_rate_check_read_at_one_step_chooses_by_the_mean_validation_there(tmp_
     from vectorfit_recipes import report
 
     settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
-    rates = {"tasks": ["movie"], "models": ["minilm"], "methods": ["vectorfit", "lora_r1"], "seeds": [0, 1],
-             "lrs": {"lora_r1": [0.002, 0.001], "vectorfit": [0.003]}, "settings": settings, "read_at_step": 2}
+    rates = {"tasks": ["movie"], "models": ["minilm"], "methods": ["vectorfit", "lora_r1", "full"], "seeds": [0, 1],
+             "lrs": {"lora_r1": [0.002, 0.001], "vectorfit": [0.003], "full": [1e-4, 5e-5]}, "settings": settings,
+             "read_at_step": 2}
     monkeypatch.setattr(bench, "suites", lambda: {"converged-rates": rates})
     runs = {(r.method, r.lr, r.seed): r for r in bench.runs_of("converged-rates")}
     at2 = {("lora_r1", 0.001, 0): 0.80, ("lora_r1", 0.001, 1): 0.70, ("lora_r1", 0.002, 0): 0.74,
-           ("lora_r1", 0.002, 1): 0.74, ("vectorfit", 0.003, 0): 0.78, ("vectorfit", 0.003, 1): 0.75}
+           ("lora_r1", 0.002, 1): 0.74, ("vectorfit", 0.003, 0): 0.78, ("vectorfit", 0.003, 1): 0.75,
+           ("full", 1e-4, 0): 0.90, ("full", 1e-4, 1): 0.88, ("full", 5e-5, 0): 0.95}  # 5e-5: seed 0 only
     for (method, lr, seed), val in at2.items():
         path = runs[(method, lr, seed)].path(tmp_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -513,3 +515,6 @@ def test_a_rate_check_read_at_one_step_chooses_by_the_mean_validation_there(tmp_
     # paired at the chosen rate: VectorFit (0.78, 0.75) minus LoRA r=1 at 1e-3 (0.80, 0.70) = (-2, +5)
     # -> +1.50 ± 4.95, ahead on 1 of 2 (against 2e-3 it would be +2.50)
     assert "| LoRA r=1 | +1.50 ± 4.95 (1/2) |" in section
+    # full fine-tuning's rates share one seed of two: no choice yet, so it is paired at the rate listed
+    # first, 1e-4: (0.78 - 0.90, 0.75 - 0.88) -> -12.50 ± 0.71 (at 5e-5 it would be -17.00 on one seed)
+    assert "| Full FT | -12.50 ± 0.71 (0/2) |" in section

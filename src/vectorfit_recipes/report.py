@@ -232,17 +232,24 @@ def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
     return out
 
 
-def at_chosen_rates(agg: dict, suite: str) -> dict:
-    """``agg`` with each of ``suite``'s methods at one rate: the one :func:`rate_choice` chose where it
-    ran several on the same seeds, else its only rate (a method whose rates have no common seeds yet
-    is dropped), so that a rate check can be paired by seed like a one-rate suite."""
+def at_chosen_rates(agg: dict, suite: str, incumbent: Optional[dict] = None) -> dict:
+    """``agg`` with each of ``suite``'s methods at one rate, so that a rate check can be paired by seed
+    like a one-rate suite: the rate :func:`rate_choice` chose where the method ran several on the same
+    seeds; else ``incumbent[method]`` (the rate the suite lists first, the one in use until the check
+    decides) or the method's only rate. A method with none of these is dropped."""
     choice = rate_choice(agg, suite)
     rates: dict = defaultdict(set)
     for k in agg:
         if k[0] == suite:
             rates[(k[1], k[2], k[3])].add(k[4])
-    keep = {tmm: choice[tmm]["lr"] if tmm in choice else next(iter(lrs))
-            for tmm, lrs in rates.items() if tmm in choice or len(lrs) == 1}
+    keep = {}
+    for tmm, lrs in rates.items():
+        if tmm in choice:
+            keep[tmm] = choice[tmm]["lr"]
+        elif (incumbent or {}).get(tmm[2]) in lrs:
+            keep[tmm] = incumbent[tmm[2]]
+        elif len(lrs) == 1:
+            keep[tmm] = next(iter(lrs))
     return {k: a for k, a in agg.items() if k[0] != suite or keep.get((k[1], k[2], k[3])) == k[4]}
 
 
@@ -378,9 +385,10 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                       "is not counted. Training strengths (balance table) are those of runs that ended at "
                       f"step {at}.", ""]
             lines += _suite_tables(sub, suite) + _rate_choice_lines(sub, suite)
-            if rate_choice(sub, suite):  # a rate check: pair the methods at their chosen rates
-                sub = at_chosen_rates(sub, suite)
-                lines += ["Paired below at each method's chosen rate (the rate choice above).", ""]
+            if any(len(v) > 1 for v in spec.get("lrs", {}).values()):  # a rate check: one rate a method
+                sub = at_chosen_rates(sub, suite, {m: float(v[0]) for m, v in spec["lrs"].items()})
+                lines += ["Paired below at each method's chosen rate (the rate choice above), or, where the "
+                          "rates have not yet run on the same seeds, at the rate the suite lists first.", ""]
             lines += _paired_table(sub, suite) + _balance_table(sub, suite)
             p = plot_params(sub, suite, plots)
             if p:
