@@ -129,8 +129,9 @@ def runs_training_under(results: Path) -> list[str]:
 
 def select(runs: list[Run], only: Optional[dict], suite: str = "") -> list[Run]:
     """The runs whose method, task, seed, rate and option are among ``only``'s (e.g. ``{"methods":
-    ["vectorfit"], "lrs": ["3e-3"]}``, ``{"options": ["relative"]}``); order kept. A value the suite does not have is an error that lists the ones it has.
-    Rates compare as numbers, so ``3e-3`` and ``0.003`` are the same rate."""
+    ["vectorfit"], "lrs": ["3e-3"]}``, ``{"options": ["relative"]}``); order kept. A value the suite
+    does not have is an error that lists the ones it has. Rates compare as numbers, so ``3e-3`` and
+    ``0.003`` are the same rate."""
     if not only:
         return runs
     fields = {"methods": "method", "tasks": "task", "seeds": "seed", "lrs": "lr", "options": "option"}
@@ -216,9 +217,9 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
         process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
         run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
-        ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running one, less the time since
-        its ``.partial`` was written or, if later, since its process started) and, when done, ``test`` and
-        ``validation``.
+        ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running
+        one, less the time since its ``.partial`` was written or, if later, since its process
+        started) and, when done, ``test`` and ``validation``.
     """
     from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
 
