@@ -210,6 +210,15 @@ def best_rate(scores: dict[float, float]) -> float:
     return max(scores, key=lambda lr: (scores[lr], -lr))
 
 
+def _by_rate(agg: dict, suite: str) -> dict[tuple, dict]:
+    """(task, model, method) -> {lr: the aggregate at that rate}, for ``suite``'s entries of ``agg``."""
+    by: dict = defaultdict(dict)
+    for k, a in agg.items():
+        if k[0] == suite:
+            by[(k[1], k[2], k[3])][k[4]] = a
+    return by
+
+
 def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
     """(task, model, method) -> ``{"lr": the rate with the best mean validation metric, "n": seeds,
     "rates": {lr: mean validation}}``, for each method ``suite`` ran at two or more rates.
@@ -217,12 +226,8 @@ def rate_choice(agg: dict, suite: str) -> dict[tuple, dict]:
     Only rates run on the same seeds compete (a rate with fewer seeds so far would be judged on
     other data orders); ties go to the smaller rate.
     """
-    by: dict = defaultdict(dict)
-    for k, a in agg.items():
-        if k[0] == suite:
-            by[(k[1], k[2], k[3])][k[4]] = a
     out = {}
-    for key, rates in by.items():
+    for key, rates in _by_rate(agg, suite).items():
         if len(rates) < 2:
             continue
         seeds = max((tuple(a["seeds"]) for a in rates.values()), key=len)
@@ -238,12 +243,8 @@ def at_chosen_rates(agg: dict, suite: str, incumbent: Optional[dict] = None) -> 
     seeds; else ``incumbent[method]`` (the rate the suite lists first, the one in use until the check
     decides) or the method's only rate. A method with none of these is dropped."""
     choice = rate_choice(agg, suite)
-    rates: dict = defaultdict(set)
-    for k in agg:
-        if k[0] == suite:
-            rates[(k[1], k[2], k[3])].add(k[4])
     keep = {}
-    for tmm, lrs in rates.items():
+    for tmm, lrs in _by_rate(agg, suite).items():
         if tmm in choice:
             keep[tmm] = choice[tmm]["lr"]
         elif (incumbent or {}).get(tmm[2]) in lrs:
