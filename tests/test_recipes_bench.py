@@ -100,7 +100,9 @@ def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_p
     assert renamed == runs[1] and renamed.path(tmp_path) == runs[1].path(tmp_path)
     lines = []
     bench.print_status("recipe", tmp_path, only={"tasks": ["movie"], "seeds": [0]}, log=lines.append)
-    assert [ln.split()[3] for ln in lines[1:]] == ["vectorfit[paper]", "vectorfit[relative]", "vectorfit[bias_lr_0.1]"]
+    assert [ln.split()[3] for ln in lines if ln.startswith("  ")] == [
+        "vectorfit[paper]", "vectorfit[relative]", "vectorfit[bias_lr_0.1]"]
+    assert lines[-1] == "[bench] training left: not known yet (3 run(s) with no pace or step budget to go by)"
     assert [r.option for r in bench.select(runs, {"options": ["relative", "paper"]})] == ["paper", "relative"]
     with pytest.raises(SystemExit, match="its options: bias_lr_0.1, paper, relative"):
         bench.select(runs, {"options": ["relativ"]}, "recipe")
@@ -319,6 +321,57 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 64}, {"step": 128, "train_seconds": 228.0}]}))
     assert bench.training_left(out) is None and bench.status("smoke", results)[0]["left_s"] is None
+
+
+def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_path):
+    """A suite's remaining machine time: a run with a pace of its own counts to the step asked at
+    that pace; a run that has not started counts at the median pace of one-thread runs of its task,
+    model, method and batch shape, else of its method on any task, else of its task. A two-thread
+    run, or one with another batch shape, goes at another pace and must not be borrowed from."""
+    results = tmp_path / "results"
+    cfg = {"batch_size": 32, "max_len": 64, "threads": 1}
+
+    def write(path: Path, d: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(d))
+
+    runs = {(r.task, r.method, r.seed): r for r in bench.runs_of("curves") if r.lr in (0.001, 0.0005)}
+    # movie VectorFit seed 0 finished: 200 s for 100 steps, 2 s a step
+    write(runs["movie", "vectorfit", 0].path(results),
+          {"steps": 100, "train_seconds": 200.0, "threads": 1, "config": cfg, "test": 0.8, "validation": 0.8})
+    # movie LoRA r=1 seed 0 stopped at 128: its last interval went at 3 s a step
+    write(Path(f"{runs['movie', 'lora_r1', 0].path(results)}.partial"), {"partial": True, "total_steps": 2048,
+          "config": cfg, "curve": [{"step": 64, "train_seconds": 150.0}, {"step": 128, "train_seconds": 342.0}]})
+    # paces that must not be borrowed: a two-thread VectorFit run and a batch of 16 (1,000 s a step)
+    for seed, other in ((1, {"threads": 2}), (2, {"batch_size": 16})):
+        write(runs["movie", "vectorfit", seed].path(results).with_name(f"x{seed}-00000000.json"),
+              {"steps": 1, "train_seconds": 1000.0, "threads": other.get("threads", 1), "config": {**cfg, **other}})
+    paces = bench.measured_paces(results)
+    assert paces["movie", "minilm", "vectorfit", (32, 64)] == [2.0]
+    assert sorted(paces["movie", "minilm", "", (32, 64)]) == [2.0, 3.0]
+
+    def left(**only) -> dict:
+        rows = bench.status("curves", results, {**only, "lrs": ["1e-3", "5e-4"]}, at_step=1024)
+        return bench.time_left(rows, paces, 1024)
+
+    # movie, seeds 0-1: LoRA s0 (1024 - 128) x 3 = 2688 s of its own; VectorFit s1 1024 x 2; LoRA s1 1024 x 3
+    assert left(tasks=["movie"], methods=["vectorfit", "lora_r1"], seeds=["0", "1"]) == {
+        "seconds": 2688.0 + 2048.0 + 3072.0, "runs": 3, "borrowed": 2, "unknown": 0}
+    # tweets VectorFit borrows movie's pace (its method, any task); LoRA r=8, measured nowhere, its task's
+    assert left(tasks=["tweets"], methods=["vectorfit"], seeds=["0"])["seconds"] == 2048.0
+    assert left(tasks=["movie"], methods=["lora_r8"], seeds=["0"])["seconds"] == 1024 * 2.5
+    assert left(tasks=["tweets"], methods=["lora_r8"], seeds=["0"])["unknown"] == 1  # nothing on tweets
+    # with no step asked for, a run counts to its own budget (curves: 2,048 steps)
+    only = {"tasks": ["movie"], "methods": ["vectorfit"], "seeds": ["1"], "lrs": ["1e-3"]}
+    rows = bench.status("curves", results, only)
+    assert bench.time_left(rows, paces)["seconds"] == 2048 * 2.0
+    lines: list[str] = []
+    bench.print_status("curves", results, {"tasks": ["movie"], "methods": ["vectorfit", "lora_r1"],
+                                           "seeds": ["0", "1"], "lrs": ["1e-3", "5e-4"]}, lines.append, at_step=1024)
+    assert lines[-1].startswith("[bench] training left: about 2.2 core-hours for 3 run(s) (2 at the pace of like runs")
+    # a suite counted in epochs (no max_steps) with no step asked for has no step budget to count
+    main_rows = bench.status("main", results, {"tasks": ["movie"], "methods": ["vectorfit"], "seeds": ["0"]})
+    assert bench.time_left(main_rows, paces) == {"seconds": 0.0, "runs": 0, "borrowed": 0, "unknown": 1}
 
 
 def test_a_bench_beside_another_bench_gives_its_runs_one_thread(tmp_path):

@@ -178,19 +178,33 @@ def _reached(d: Optional[dict]) -> Optional[int]:
     return max(steps) if steps else None
 
 
-def _left(d: Optional[dict], upto: Optional[int] = None) -> Optional[float]:
-    """Training seconds from the last curve point to step ``upto`` (default: the run's end)."""
+def _pace(d: Optional[dict]) -> Optional[float]:
+    """Optimisation seconds a step: a finished result's over its whole run; an unfinished run's
+    recent pace, over its last curve interval (between its last two timed points). ``None`` where
+    the file does not tell."""
     try:
+        if not d.get("partial") and d.get("train_seconds") is not None and d.get("steps"):
+            return float(d["train_seconds"]) / int(d["steps"])
         timed = [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
         if len(timed) < 2:
             return None
-        (a, b), total = timed[-2:], int(d["total_steps"])
-        if upto is not None:
-            total = min(total, upto)
-        pace = (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
+        a, b = timed[-2:]
+        return (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
     except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
         return None
-    return max(total - b["step"], 0) * pace
+
+
+def _left(d: Optional[dict], upto: Optional[int] = None) -> Optional[float]:
+    """Training seconds from the last curve point to step ``upto`` (default: the run's end)."""
+    pace = _pace(d)
+    try:
+        total = int(d["total_steps"])
+        last = [p["step"] for p in d["curve"] if p.get("train_seconds") is not None][-1]
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        return None
+    if pace is None:
+        return None
+    return max((total if upto is None else min(total, upto)) - last, 0) * pace
 
 
 def reached_step(path: Path) -> Optional[int]:
@@ -219,7 +233,8 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
         ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running
         one, less the time since its ``.partial`` was written or, if later, since its process
-        started) and, when done, ``test`` and ``validation``.
+        started), ``pace_s`` (its optimisation seconds a step, see :func:`_pace`, if measured) and,
+        when done, ``test`` and ``validation``.
     """
     from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
 
@@ -227,16 +242,17 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
     out = []
     for r in select(runs_of(name), only, name):
         path = r.path(results)
-        row: dict[str, Any] = {"run": r, "state": "not started", "step": None, "left_s": None}
+        row: dict[str, Any] = {"run": r, "state": "not started", "step": None, "left_s": None, "pace_s": None}
         if path.exists():
             res = json.loads(path.read_text())
-            row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"))
+            row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"),
+                       pace_s=_pace(res))
             if at is not None:  # the suite's numbers are the curve's at its step, not the run's last
                 p = curve_point(res, at) or {}
                 row.update(step=at, test=p.get("test"), validation=p.get("validation"))
         else:
-            part = _partial(path)  # read once for both
-            row["step"], row["left_s"] = _reached(part), _left(part, at)
+            part = _partial(path)  # read once for all three
+            row["step"], row["left_s"], row["pace_s"] = _reached(part), _left(part, at), _pace(part)
             p = curve_point(part, at) if at is not None else None
             if p is not None:  # far enough for this suite; whatever it trains on does not change it
                 row.update(state="done", step=at, test=p.get("test"), validation=p.get("validation"), left_s=None)
@@ -256,6 +272,76 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
     return out
 
 
+def _shape(settings: dict) -> tuple:
+    """What a step's cost depends on besides task, model and method: the batch and its length."""
+    from .train_config import TrainConfig
+
+    return tuple(settings.get(k, getattr(TrainConfig, k)) for k in ("batch_size", "max_len"))
+
+
+def measured_paces(results: Path) -> dict[tuple, list[float]]:
+    """The pace (:func:`_pace`) of every one-thread run under ``results``, finished or not, keyed by
+    ``(task, model, method, (batch size, length))`` and pooled over any task (``task=""``) and over
+    any method (``method=""``): what :func:`time_left` estimates a run that has not started from.
+    Runs on more threads go at another pace and are left out."""
+    out: dict[tuple, list[float]] = {}
+    for f in sorted(Path(results).glob("*/*/*/*.json*")):
+        if not f.name.endswith((".json", ".json.partial")):
+            continue
+        try:
+            d = json.loads(f.read_text())
+            cfg = d["config"]
+            threads = d.get("threads", cfg.get("threads"))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue
+        pace = _pace(d)
+        if pace is not None and threads == 1:
+            task, model, method = f.relative_to(results).parts[:3]
+            shape = _shape(cfg)
+            for key in ((task, model, method, shape), ("", model, method, shape), (task, model, "", shape)):
+                out.setdefault(key, []).append(pace)
+    return out
+
+
+def time_left(rows: list[dict], paces: dict[tuple, list[float]], at_step: Optional[int] = None) -> dict:
+    """The optimisation time the unfinished runs of :func:`status`'s ``rows`` still need, one
+    thread each (so: core-seconds; evaluation and start-up not counted).
+
+    A run with an estimate of its own (``left_s``) counts with it. Any other unfinished run counts
+    its steps still to go (to ``at_step`` or its ``max_steps``, whichever comes first) at the median
+    of ``paces`` (:func:`measured_paces`) of runs of its task, model and method with its batch
+    shape; failing that, its model and method on any task; failing that, any method on its task and
+    model.
+    That is the pace like runs measured on this machine, under whatever ran beside them.
+
+    Returns:
+        ``seconds`` (the sum), ``runs`` (how many it covers), ``borrowed`` (how many of those took
+        other runs' pace) and ``unknown`` (unfinished runs with no step budget or no pace to go by).
+    """
+    import statistics
+
+    out = {"seconds": 0.0, "runs": 0, "borrowed": 0, "unknown": 0}
+    for row in rows:
+        if row["state"] == "done":
+            continue
+        r = row["run"]
+        if row.get("left_s") is not None:
+            out["seconds"] += row["left_s"]
+            out["runs"] += 1
+            continue
+        budgets = [int(b) for b in (dict(r.settings).get("max_steps"), at_step) if b is not None]
+        h = _shape(dict(r.settings))
+        pace = (paces.get((r.task, r.model, r.method, h)) or paces.get(("", r.model, r.method, h))
+                or paces.get((r.task, r.model, "", h)))
+        if not budgets or not pace:
+            out["unknown"] += 1
+            continue
+        out["seconds"] += max(min(budgets) - (row["step"] or 0), 0) * statistics.median(pace)
+        out["runs"] += 1
+        out["borrowed"] += 1
+    return out
+
+
 def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any = print,
                  at_step: Optional[int] = None) -> None:
     """``vectorfit bench --status``: one line per run of the suite (see :func:`status`)."""
@@ -271,6 +357,15 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
         if row["left_s"] is not None:
             score = f"~{row['left_s'] / 60:.0f} min of training left"
         log(f"  {row['state']:<11} {r.task:<12} {r.shown_method:<{width}} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
+    left = time_left(rows, measured_paces(results), at_step if at_step is not None else read_at_step(name))
+    if left["unknown"] and not left["runs"]:
+        log(f"[bench] training left: not known yet ({left['unknown']} run(s) with no pace or step budget to go by)")
+    elif left["runs"]:
+        how = [f"{left['borrowed']} at the pace of like runs under {results}"] if left["borrowed"] else []
+        how += [f"{left['unknown']} not counted: no pace or step budget to go by"] if left["unknown"] else []
+        log(f"[bench] training left: about {left['seconds'] / 3600:.1f} core-hours for {left['runs']} run(s)"
+            + (f" ({'; '.join(how)})" if how else "")
+            + "; N one-thread runs at once on N cores take about 1/N of it")
 
 
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,

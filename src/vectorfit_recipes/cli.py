@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="list every run of the suite as done (with its test and validation metric), running "
                               "(another process trains it), stopped (resumes from its checkpoint) or not started, "
                               "with the last learning-curve step reached and, for an unfinished run, the training "
-                              "time it still needs at its recent pace; run nothing")
+                              "time it still needs at its recent pace; then the core-hours the unfinished runs "
+                              "need together (a run not started counts at the pace like one-thread runs measured "
+                              "under the results folder); run nothing")
     p_bench.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
     p_bench.add_argument("--methods", default=None, metavar="M1,M2",
                          help="only the suite's runs of these methods, in the suite's order (e.g. to run the methods "

@@ -381,8 +381,9 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                          "train_loss": sum(st.losses[-20:]) / len(st.losses[-20:]),
                          "validation": ev(data.validation, f"validation @{st.step}"),
                          "test": ev(data.test, f"test @{st.step}")}
-                # optimisation seconds so far (resumed invocations included): bench --status's pace
-                point["train_seconds"] = round(st.train_seconds + t_ev - t_train - eval_s, 1)
+                # optimisation seconds so far (resumed invocations included): bench --status's pace;
+                # to the millisecond, as a tiny run's first step can take less than 0.05 s
+                point["train_seconds"] = round(st.train_seconds + t_ev - t_train - eval_s, 3)
                 eval_s += time.perf_counter() - t_ev
                 st.curve.append(point)
                 tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
