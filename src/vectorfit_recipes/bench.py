@@ -311,8 +311,7 @@ def time_left(rows: list[dict], paces: dict[tuple, list[float]], at_step: Option
     its steps still to go (to ``at_step`` or its ``max_steps``, whichever comes first) at the median
     of ``paces`` (:func:`measured_paces`) of runs of its task, model and method with its batch
     shape; failing that, its model and method on any task; failing that, any method on its task and
-    model.
-    That is the pace like runs measured on this machine, under whatever ran beside them.
+    model. That is the pace like runs measured on this machine, under whatever ran beside them.
 
     Returns:
         ``seconds`` (the sum), ``runs`` (how many it covers), ``borrowed`` (how many of those took
