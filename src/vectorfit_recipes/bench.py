@@ -178,6 +178,11 @@ def _reached(d: Optional[dict]) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def _timed(d: dict) -> list[dict]:
+    """A result's (or ``.partial``'s) curve points that carry their optimisation time."""
+    return [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
+
+
 def _pace(d: Optional[dict]) -> Optional[float]:
     """Optimisation seconds a step: a finished result's over its whole run; an unfinished run's
     recent pace, over its last curve interval (between its last two timed points). ``None`` where
@@ -185,7 +190,7 @@ def _pace(d: Optional[dict]) -> Optional[float]:
     try:
         if not d.get("partial") and d.get("train_seconds") is not None and d.get("steps"):
             return float(d["train_seconds"]) / int(d["steps"])
-        timed = [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
+        timed = _timed(d)
         if len(timed) < 2:
             return None
         a, b = timed[-2:]
@@ -199,7 +204,7 @@ def _left(d: Optional[dict], upto: Optional[int] = None) -> Optional[float]:
     pace = _pace(d)
     try:
         total = int(d["total_steps"])
-        last = [p["step"] for p in d["curve"] if p.get("train_seconds") is not None][-1]
+        last = _timed(d)[-1]["step"]
     except (KeyError, TypeError, AttributeError, ValueError, IndexError):
         return None
     if pace is None:
@@ -328,8 +333,9 @@ def time_left(rows: list[dict], paces: dict[tuple, list[float]], at_step: Option
             out["seconds"] += row["left_s"]
             out["runs"] += 1
             continue
-        budgets = [int(b) for b in (dict(r.settings).get("max_steps"), at_step) if b is not None]
-        h = _shape(dict(r.settings))
+        settings = dict(r.settings)
+        budgets = [int(b) for b in (settings.get("max_steps"), at_step) if b is not None]
+        h = _shape(settings)
         pace = (paces.get((r.task, r.model, r.method, h)) or paces.get(("", r.model, r.method, h))
                 or paces.get((r.task, r.model, "", h)))
         if not budgets or not pace:
