@@ -82,6 +82,20 @@ def _vectorfit_command() -> list[str]:
     return [sys.executable, "-m", "vectorfit_recipes"]
 
 
+def test_output_into_a_closed_pipe_ends_quietly_like_a_unix_tool(tmp_path):
+    """`vectorfit data list | head -1`: the reader goes away before the command writes. The command
+    must end with SIGPIPE's status (141), as `cat` would, not with a BrokenPipeError traceback."""
+    cmd = _vectorfit_command() + ["data", "list"]
+    reader, writer = os.pipe()
+    os.close(reader)  # no reader left: the command's first write fails with EPIPE
+    try:
+        proc = subprocess.run(cmd, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(writer)
+    assert proc.returncode == 141, proc.stderr[-2000:]  # (a command that wrote nothing would return 0)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_train_end_to_end_subprocess(tmp_path):
     out = tmp_path / "result.json"
     adapter = tmp_path / "adapter"

@@ -384,6 +384,25 @@ def _say_what_was_saved(cfg: Any, result: dict) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``vectorfit`` command; returns the exit status.
+
+    Output piped into a reader that stops early (``vectorfit bench --status | head``) ends the command
+    quietly with status 141, as a Unix tool killed by SIGPIPE does, instead of a BrokenPipeError
+    traceback.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # inside the guard: a block-buffered pipe only fails here, or at exit
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # 13 = SIGPIPE
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     if argv is None:  # run as a command (not called from Python code that may have loaded torch already)
         set_passive_openmp()
     argv = normalize_argv(sys.argv[1:] if argv is None else argv)
