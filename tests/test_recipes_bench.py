@@ -81,12 +81,20 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     shared = main & ablation
     assert {(r.method) for r in shared} == {"vectorfit", "no_avf"}
     assert len({r.path(Path("x")) for r in bench.runs_of("main")}) == len(bench.runs_of("main"))
-    # the converged ablation's VectorFit and no-AVF runs are converged's own (1,024-step AVF schedule),
-    # so the pair is trained once; its three Sigma variants are runs of their own at the same settings
+    # converged: only VectorFit, whose AVF schedule depends on the budget, has 1,024-step runs of its
+    # own; every other run (no-AVF included: constant rate, no schedule) is a curves run read at 1,024
     conv, conv_abl = set(bench.runs_of("converged")), bench.runs_of("converged-ablation")
+    curves = set(bench.runs_of("curves"))
+    own = {r for r in conv if r not in curves}
+    assert {r.method for r in own if r.task != "movie-score"} == {"vectorfit"}
+    assert {dict(r.settings)["max_steps"] for r in conv if r.method == "vectorfit"} == {1024}
+    assert {r for r in conv if r.method == "no_avf" and r.task != "movie-score"} <= curves
+    # the converged ablation shares VectorFit's and no-AVF's runs with converged (each pair trained
+    # once); its three Sigma variants are its own, curves-length runs like no-AVF's
     assert {r.method for r in conv_abl if r in conv} == {"vectorfit", "no_avf"}
     assert {r.task for r in conv_abl} == {"movie", "bbc"} and {r.seed for r in conv_abl} == {0, 1, 2}
-    assert {dict(r.settings)["max_steps"] for r in conv_abl} == {1024} and {r.lr for r in conv_abl} == {0.001}
+    assert {r.lr for r in conv_abl} == {0.001}
+    assert {dict(r.settings)["max_steps"] for r in conv_abl if r.method != "vectorfit"} == {2048}
 
 
 def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_path):
