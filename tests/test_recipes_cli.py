@@ -18,7 +18,7 @@ from vectorfit_recipes.train import TrainConfig
 RESULT_KEYS = {
     "schema_version", "task", "model", "method", "method_config", "seed", "metric", "test_before", "test",
     "validation", "trainable_params", "total_params", "adapter_bytes", "steps", "train_seconds",
-    "wall_seconds", "peak_rss_mb", "avf", "training_strengths", "config", "versions",
+    "train_cpu_seconds", "wall_seconds", "peak_rss_mb", "avf", "training_strengths", "config", "versions",
 }
 
 # a few optimizer steps on a tiny slice of the real data

@@ -203,8 +203,34 @@ def test_a_stopped_and_resumed_run_gives_the_uninterrupted_numbers(method, stop,
                 "training_strengths", "avf", "steps"):
         assert res[key] == ref[key], key
     # every curve number matches; the optimisation seconds each point records are timings, not results
-    untimed = [[{k: v for k, v in p.items() if k != "train_seconds"} for p in r["curve"]] for r in (res, ref)]
-    assert untimed[0] == untimed[1] and all(p["train_seconds"] > 0 for p in res["curve"])
+    timings = ("train_seconds", "train_cpu_seconds")
+    untimed = [[{k: v for k, v in p.items() if k not in timings} for p in r["curve"]] for r in (res, ref)]
+    assert untimed[0] == untimed[1]
+    # timings count on across the resume, on both clocks: every point's are above the one before,
+    # and the result's above the last point's
+    for key in timings:
+        seconds = [p[key] for p in res["curve"]] + [res[key]]
+        assert 0 < seconds[0] and all(a < b for a, b in zip(seconds, seconds[1:])), (key, seconds)
+
+
+def test_training_cpu_seconds_are_one_thread_s_share_of_the_wall_clock_and_survive_an_old_checkpoint(tmp_path):
+    """A one-thread run's CPU seconds cannot exceed its wall seconds (one thread computes at most
+    one second per second), and they are not zero. A checkpoint saved before the CPU field existed
+    resumes with the CPU time unknown (None), never as a count that silently lost its first part."""
+    out = tmp_path / "r.json"
+    cfg = TrainConfig(method="no_avf", max_steps=6, eval_steps="2,4,6", output=str(out), threads=1, **TINY)
+    run(dataclasses.replace(cfg, stop_at_step=2), log=_quiet)
+    ckpt = Path(f"{out}.ckpt")
+    blob = torch.load(ckpt, weights_only=False)
+    (point,) = json.loads(Path(f"{out}.partial").read_text())["curve"]
+    for counted in (point, blob["loop"]):  # the curve point, and the checkpoint the next invocation reads
+        assert 0 < counted["train_cpu_seconds"] <= counted["train_seconds"] * 1.05 + 0.05, counted
+    del blob["loop"]["train_cpu_seconds"]  # as a checkpoint from before the field
+    torch.save(blob, ckpt)
+    res = run(cfg, log=_quiet)
+    assert res["resumed_from"] == [2] and res["train_cpu_seconds"] is None
+    assert [p["train_cpu_seconds"] is None for p in res["curve"]] == [False, True, True]
+    assert res["train_seconds"] > res["curve"][0]["train_seconds"]  # the wall clock still counts on
 
 
 def test_a_checkpoint_of_other_settings_is_not_used(tmp_path):

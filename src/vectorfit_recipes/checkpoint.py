@@ -47,6 +47,7 @@ class LoopState:
     best_epoch: Optional[int] = None
     best_state: Optional[list] = None  # trainable tensors of the best epoch, in parameter order
     train_seconds: float = 0.0         # optimisation time of earlier invocations
+    train_cpu_seconds: Optional[float] = 0.0  # the same in CPU seconds (None: not recorded)
     resumed_from: list = dataclasses.field(default_factory=list)
 
 
@@ -189,7 +190,7 @@ def load(path: Path, cfg: Any, model: Any, optimizer: Any, generator: Any, log: 
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
-    state = LoopState(**blob["loop"])
+    state = LoopState(**{"train_cpu_seconds": None, **blob["loop"]})  # None: saved before the field
     state.resumed_from = [*state.resumed_from, state.step]
     log(f"[vectorfit] resuming from {path} at step {state.step}")
     return state

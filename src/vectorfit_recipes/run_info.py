@@ -1,15 +1,17 @@
-"""What a result records besides its metric: versions, memory, the adapter's size, and the spectra of
-the weight update (paper fig. 9). Used by ``train.record``."""
+"""What a result records besides its metric: versions, memory, training time, the adapter's size,
+and the spectra of the weight update (paper fig. 9). Used by ``train``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-__all__ = ["versions", "peak_rss_mb", "jsonable", "dir_bytes", "SPECTRA_METHODS", "spectra_layers",
+__all__ = ["versions", "peak_rss_mb", "TrainClock", "jsonable", "dir_bytes", "SPECTRA_METHODS", "spectra_layers",
            "delta_spectra"]
 
 
@@ -23,6 +25,39 @@ def versions() -> dict:
         except Exception:
             out[mod] = None
     return out
+
+
+class TrainClock:
+    """A run's optimisation time, on the wall clock and in CPU seconds of this process.
+
+    Time inside :meth:`paused` (evaluation, checkpoint writes) is not counted. The wall clock says
+    how long training took on this machine as it was; CPU time says what it cost: on a machine
+    shared with other work a one-thread run waits for its core, and only its wall time grows, so CPU
+    time per step is close to a quiet core's pace (``bench --status`` estimates from it).
+
+    Args:
+        wall: seconds counted by earlier invocations of the same run (resumed from a checkpoint).
+        cpu: the same in CPU seconds; ``None`` when an earlier invocation did not record them
+            (a checkpoint older than the field), and then the run's CPU time stays unknown.
+    """
+
+    def __init__(self, wall: float = 0.0, cpu: Optional[float] = 0.0) -> None:
+        self._wall, self._cpu = wall, cpu
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def seconds(self) -> tuple[float, Optional[float]]:
+        """(wall, cpu) seconds counted so far."""
+        wall = self._wall + time.perf_counter() - self._t0
+        return wall, None if self._cpu is None else self._cpu + time.process_time() - self._c0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[tuple[float, Optional[float]]]:
+        """Stop counting inside the block; yields the (wall, cpu) seconds counted when it began."""
+        self._wall, self._cpu = counted = self.seconds()
+        try:
+            yield counted
+        finally:
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
 
 
 def peak_rss_mb() -> Optional[float]:

@@ -228,6 +228,7 @@ class Outcome:
     best_val: Optional[float]
     best_epoch: Optional[int]
     train_seconds: float
+    train_cpu_seconds: Optional[float] = None  # None: an earlier invocation did not record it
     stopped: bool = False        # --stop-at-step: the run is to be continued (no result yet)
     resumed_from: list = field(default_factory=list)  # steps at which earlier invocations stopped
 
@@ -338,20 +339,18 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                 "config": run_info.jsonable(cfg), **extra})
 
     def keep() -> None:
-        """Write the checkpoint; the optimisation time so far goes into it and the clock restarts
-        after the write (writing is not training)."""
-        nonlocal t_train, eval_s
+        """Write the checkpoint with the optimisation time so far (writing is not training)."""
         if ckpt is not None:
-            st.train_seconds += time.perf_counter() - t_train - eval_s
-            ckpt_mod.save(ckpt, cfg, st, model, optimizer, gen)
-            t_train, eval_s = time.perf_counter(), 0.0
+            with clock.paused() as counted:
+                st.train_seconds, st.train_cpu_seconds = counted
+                ckpt_mod.save(ckpt, cfg, st, model, optimizer, gen)
 
     def at_stop() -> bool:
         """--stop-at-step reached (and the run not finished): this invocation trains no further."""
         return cfg.stop_at_step is not None and cfg.stop_at_step <= st.step < data.total_steps
 
     model.train()
-    eval_s, t_train = 0.0, time.perf_counter()
+    clock = run_info.TrainClock(st.train_seconds, st.train_cpu_seconds)  # evaluation is not training
     stopped = at_stop()  # resumed at or past the stop step: nothing to train
     bar = tqdm(total=data.total_steps, initial=st.step, desc=f"train {cfg.method}", disable=not cfg.progress,
                dynamic_ncols=True)
@@ -376,18 +375,18 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                 bar.set_postfix(loss=f"{sum(st.losses[-20:]) / len(st.losses[-20:]):.4f}", epoch=st.epoch)
             if curve_at and st.step == curve_at[0]:
                 curve_at.pop(0)
-                t_ev = time.perf_counter()
-                point = {"step": st.step, "epoch": round(st.step / data.steps_per_epoch, 3),
-                         "train_loss": sum(st.losses[-20:]) / len(st.losses[-20:]),
-                         "validation": ev(data.validation, f"validation @{st.step}"),
-                         "test": ev(data.test, f"test @{st.step}")}
-                # optimisation seconds so far (resumed invocations included): bench --status's pace;
-                # to the millisecond, as a tiny run's first step can take less than 0.05 s
-                point["train_seconds"] = round(st.train_seconds + t_ev - t_train - eval_s, 3)
-                eval_s += time.perf_counter() - t_ev
-                st.curve.append(point)
-                tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, test {point['test']:.4f}")
-                write_partial()
+                with clock.paused() as (wall, cpu):
+                    # optimisation seconds so far (resumed invocations included), wall and CPU: bench
+                    # --status's pace; to the millisecond, as a tiny run's first step can take < 0.05 s
+                    point = {"step": st.step, "epoch": round(st.step / data.steps_per_epoch, 3),
+                             "train_loss": sum(st.losses[-20:]) / len(st.losses[-20:]),
+                             "validation": ev(data.validation, f"validation @{st.step}"),
+                             "test": ev(data.test, f"test @{st.step}"), "train_seconds": round(wall, 3),
+                             "train_cpu_seconds": None if cpu is None else round(cpu, 3)}
+                    st.curve.append(point)
+                    tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, "
+                               f"test {point['test']:.4f}")
+                    write_partial()
                 keep()
             if at_stop():
                 stopped = True
@@ -397,9 +396,8 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
         if stopped:
             break
         if cfg.select_on_validation:
-            t_ev = time.perf_counter()
-            v = ev(data.validation, "validation")
-            eval_s += time.perf_counter() - t_ev
+            with clock.paused():
+                v = ev(data.validation, "validation")
             st.val_history.append({"epoch": st.epoch, "step": st.step, metric: v})
             if st.best_val is None or v > st.best_val:
                 st.best_val, st.best_epoch = v, st.epoch
@@ -409,7 +407,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
         if st.epoch <= data.epochs:
             keep()
     bar.close()
-    train_s = st.train_seconds + time.perf_counter() - t_train - eval_s  # optimisation only
+    train_s, train_cpu_s = clock.seconds()  # optimisation only
     if stopped:
         log(f"[vectorfit] stopped at step {st.step} of {data.total_steps} (--stop-at-step); the checkpoint is "
             f"{ckpt}: run the same command without --stop-at-step to go on")
@@ -418,7 +416,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
             for p, v in zip(params, st.best_state):
                 p.copy_(v)
     return Outcome(lr, st.step, st.losses, st.val_history, st.curve, st.best_val, st.best_epoch, train_s,
-                   stopped=stopped, resumed_from=st.resumed_from)
+                   train_cpu_s, stopped=stopped, resumed_from=st.resumed_from)
 
 
 def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start: float,
@@ -463,7 +461,7 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
         "steps": out.steps, "epochs": data.epochs, "resumed_from": out.resumed_from,
         "n_train": len(data.train), "n_validation": len(data.validation), "n_test": len(data.test),
         "final_train_loss": (sum(out.losses[-20:]) / len(out.losses[-20:])) if out.losses else None,
-        "train_seconds": out.train_seconds, "wall_seconds": wall_s, "peak_rss_mb": run_info.peak_rss_mb(),
+        "train_seconds": out.train_seconds, "train_cpu_seconds": out.train_cpu_seconds, "wall_seconds": wall_s, "peak_rss_mb": run_info.peak_rss_mb(),
         "threads": torch.get_num_threads(), "device": str(setup.device), **dist_mod.annotate({}),
         "avf": avf_info,
         "training_strengths": run_info.jsonable(model.training_strengths()) if hasattr(model, "training_strengths") else None,
@@ -484,7 +482,8 @@ def record(cfg: TrainConfig, data: RunData, setup: Setup, out: Outcome, t_start:
         log(f"test {metric} before fine-tuning: {setup.test_before:.4f}")
     log(f"test {metric} after fine-tuning:  {after:.4f}   (validation {best_val:.4f}, epoch {best_epoch})")
     log(f"trainable parameters: {setup.trainable:,} of {setup.total:,}")
-    log(f"time: {wall_s:.1f}s total, {out.train_seconds:.1f}s training ({out.steps} steps)")
+    cpu = "" if out.train_cpu_seconds is None else f", {out.train_cpu_seconds:.1f}s of CPU"
+    log(f"time: {wall_s:.1f}s total, {out.train_seconds:.1f}s training{cpu} ({out.steps} steps)")
     if cfg.output:
         log(f"result written to {cfg.output}")
     return result
