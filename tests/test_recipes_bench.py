@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_tiny_bert
 from vectorfit import target_module_names
-from vectorfit_recipes import bench, methods, report
+from vectorfit_recipes import bench, bench_status, methods, report
 from vectorfit_recipes.train import TrainConfig, run
 
 from test_recipes_cli import RESULT_KEYS
@@ -107,7 +107,7 @@ def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_p
     renamed = bench.Run(*[getattr(runs[1], f) for f in ("task", "model", "method", "seed", "lr", "settings")], "other")
     assert renamed == runs[1] and renamed.path(tmp_path) == runs[1].path(tmp_path)
     lines = []
-    bench.print_status("recipe", tmp_path, only={"tasks": ["movie"], "seeds": [0]}, log=lines.append)
+    bench_status.print_status("recipe", tmp_path, only={"tasks": ["movie"], "seeds": [0]}, log=lines.append)
     assert [ln.split()[3] for ln in lines if ln.startswith("  ")] == [
         "vectorfit[paper]", "vectorfit[relative]", "vectorfit[bias_lr_0.1]"]
     assert lines[-1] == "[bench] training left: not known yet (3 run(s) with no pace or step budget to go by)"
@@ -155,7 +155,7 @@ def test_train_one_vectorfit_and_one_peft_run_then_report(tmp_path, monkeypatch)
         if r.method == "vectorfit":
             assert res["avf"]["history"] and res["delta_spectra"]
             assert res["adapter_bytes"] < 400_000  # vectors + head only
-    assert [(row["state"], row["step"]) for row in bench.status("smoke", results)] == [("done", 3), ("done", 3)]
+    assert [(row["state"], row["step"]) for row in bench_status.status("smoke", results)] == [("done", 3), ("done", 3)]
     # bench sees both runs done and runs nothing
     lines = []
     assert bench.run_suite("smoke", results, log=lines.append) == 0
@@ -276,14 +276,14 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
         assert code == 2 and f"another process is writing {out}" in capsys.readouterr().err
         assert not out.exists() and not checkpoint.checkpoint_path(str(out)).exists()
         assert not Path(f"{out}.partial").exists()
-        assert [row["state"] for row in bench.status("smoke", results)] == ["running", "not started"]
+        assert [row["state"] for row in bench_status.status("smoke", results)] == ["running", "not started"]
     assert not checkpoint.output_busy(str(out))  # released with the context
     # an interrupted run: its curve so far, no lock holder -> "stopped" at its last curve step
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "curve": [{"step": 64}, {"step": 128}]}))
-    rows = bench.status("smoke", results)
+    rows = bench_status.status("smoke", results)
     assert [(row["state"], row["step"]) for row in rows] == [("stopped", 128), ("not started", None)]
     lines = []
-    bench.print_status("smoke", results, log=lines.append)
+    bench_status.print_status("smoke", results, log=lines.append)
     assert "0 done, 0 running, 1 stopped, 1 not started" in lines[0]
     assert lines[1].split()[:3] == ["stopped", "movie", first.method] and "step 128" in lines[1]
     assert not Path(f"{second.path(results)}.lock").exists()  # looking at a run does not make a lock file
@@ -292,19 +292,19 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0},
         {"step": 128, "train_seconds": 228.0}]}))
-    assert bench.training_left(out) == pytest.approx(256.0)
+    assert bench_status.training_left(out) == pytest.approx(256.0)
     lines = []
-    bench.print_status("smoke", results, log=lines.append)
+    bench_status.print_status("smoke", results, log=lines.append)
     assert "step 128 " in lines[1] and lines[1].endswith(" ~4 min of training left")
     # asked at step 128 (bench --status --stop-at-step 128): reached, so done, with its numbers there
     timed = Path(f"{out}.partial").read_text()
     Path(f"{out}.partial").write_text(json.dumps({**json.loads(timed), "curve": [
         {"step": 64, "train_seconds": 100.0}, {"step": 128, "train_seconds": 228.0, "test": 0.7, "validation": 0.6}]}))
-    assert [(r["state"], r["step"], r.get("test")) for r in bench.status("smoke", results, at_step=128)] == [
+    assert [(r["state"], r["step"], r.get("test")) for r in bench_status.status("smoke", results, at_step=128)] == [
         ("done", 128, 0.7), ("not started", None, None)]
-    assert bench.status("smoke", results, at_step=256)[0]["state"] == "stopped"
+    assert bench_status.status("smoke", results, at_step=256)[0]["state"] == "stopped"
     # not there yet: the time left is to that step (160 - 128 = 32 steps at 2 s), not to the run's end
-    assert bench.status("smoke", results, at_step=160)[0]["left_s"] == pytest.approx(64.0)
+    assert bench_status.status("smoke", results, at_step=160)[0]["left_s"] == pytest.approx(64.0)
     Path(f"{out}.partial").write_text(timed)  # back to the timed curve the checks below use
     # a running run has trained on since its last point was written (100 s ago here): 256 - 100 s left;
     # a stopped one has not, so its estimate stays
@@ -316,19 +316,19 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     with checkpoint.output_lock(str(out)):
         assert time.time() - Path(f"{out}.lock").stat().st_mtime < 5.0
         ago(f"{out}.lock", 150.0)
-        row = bench.status("smoke", results)[0]
+        row = bench_status.status("smoke", results)[0]
         assert row["state"] == "running" and row["left_s"] == pytest.approx(156.0, abs=10.0)
         # resumed after its last point was written: it counts from its own start, not the old point
         ago(f"{out}.partial", 3000.0)
-        assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(106.0, abs=10.0)
+        assert bench_status.status("smoke", results)[0]["left_s"] == pytest.approx(106.0, abs=10.0)
     # looking does not date the lock anew (only its holder does)
     ago(f"{out}.lock", 500.0)
     assert not checkpoint.output_busy(str(out)) and time.time() - Path(f"{out}.lock").stat().st_mtime > 400.0
-    assert bench.status("smoke", results)[0]["left_s"] == pytest.approx(256.0)
+    assert bench_status.status("smoke", results)[0]["left_s"] == pytest.approx(256.0)
     # one timed point (or an untimed partial from before) gives no estimate rather than a wrong one
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 64}, {"step": 128, "train_seconds": 228.0}]}))
-    assert bench.training_left(out) is None and bench.status("smoke", results)[0]["left_s"] is None
+    assert bench_status.training_left(out) is None and bench_status.status("smoke", results)[0]["left_s"] is None
 
 
 def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_path):
@@ -344,23 +344,25 @@ def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_
         path.write_text(json.dumps(d))
 
     runs = {(r.task, r.method, r.seed): r for r in bench.runs_of("curves") if r.lr in (0.001, 0.0005)}
-    # movie VectorFit seed 0 finished: 200 s for 100 steps, 2 s a step
+    # movie VectorFit seed 0 finished: 200 s for 100 steps, 2 s a step (1 s of CPU: it shared its core)
     write(runs["movie", "vectorfit", 0].path(results),
-          {"steps": 100, "train_seconds": 200.0, "threads": 1, "config": cfg, "test": 0.8, "validation": 0.8})
-    # movie LoRA r=1 seed 0 stopped at 128: its last interval went at 3 s a step
+          {"steps": 100, "train_seconds": 200.0, "train_cpu_seconds": 100.0, "threads": 1, "config": cfg,
+           "test": 0.8, "validation": 0.8})
+    # movie LoRA r=1 seed 0 stopped at 128: its last interval went at 3 s a step (1.5 s of CPU)
     write(Path(f"{runs['movie', 'lora_r1', 0].path(results)}.partial"), {"partial": True, "total_steps": 2048,
-          "config": cfg, "curve": [{"step": 64, "train_seconds": 150.0}, {"step": 128, "train_seconds": 342.0}]})
+          "config": cfg, "curve": [{"step": 64, "train_seconds": 150.0, "train_cpu_seconds": 100.0},
+                                   {"step": 128, "train_seconds": 342.0, "train_cpu_seconds": 196.0}]})
     # paces that must not be borrowed: a two-thread VectorFit run and a batch of 16 (1,000 s a step)
     for seed, other in ((1, {"threads": 2}), (2, {"batch_size": 16})):
         write(runs["movie", "vectorfit", seed].path(results).with_name(f"x{seed}-00000000.json"),
               {"steps": 1, "train_seconds": 1000.0, "threads": other.get("threads", 1), "config": {**cfg, **other}})
-    paces = bench.measured_paces(results)
+    paces = bench_status.measured_paces(results)
     assert paces["movie", "minilm", "vectorfit", (32, 64)] == [2.0]
     assert sorted(paces["movie", "minilm", "", (32, 64)]) == [2.0, 3.0]
 
     def left(**only) -> dict:
-        rows = bench.status("curves", results, {**only, "lrs": ["1e-3", "5e-4"]}, at_step=1024)
-        return bench.time_left(rows, paces, 1024)
+        rows = bench_status.status("curves", results, {**only, "lrs": ["1e-3", "5e-4"]}, at_step=1024)
+        return bench_status.time_left(rows, paces, 1024)
 
     # movie, seeds 0-1: LoRA s0 (1024 - 128) x 3 = 2688 s of its own; VectorFit s1 1024 x 2; LoRA s1 1024 x 3
     assert left(tasks=["movie"], methods=["vectorfit", "lora_r1"], seeds=["0", "1"]) == {
@@ -371,15 +373,33 @@ def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_
     assert left(tasks=["tweets"], methods=["lora_r8"], seeds=["0"])["unknown"] == 1  # nothing on tweets
     # with no step asked for, a run counts to its own budget (curves: 2,048 steps)
     only = {"tasks": ["movie"], "methods": ["vectorfit"], "seeds": ["1"], "lrs": ["1e-3"]}
-    rows = bench.status("curves", results, only)
-    assert bench.time_left(rows, paces)["seconds"] == 2048 * 2.0
+    rows = bench_status.status("curves", results, only)
+    assert bench_status.time_left(rows, paces)["seconds"] == 2048 * 2.0
     lines: list[str] = []
-    bench.print_status("curves", results, {"tasks": ["movie"], "methods": ["vectorfit", "lora_r1"],
+    bench_status.print_status("curves", results, {"tasks": ["movie"], "methods": ["vectorfit", "lora_r1"],
                                            "seeds": ["0", "1"], "lrs": ["1e-3", "5e-4"]}, lines.append, at_step=1024)
-    assert lines[-1].startswith("[bench] training left: about 2.2 core-hours for 3 run(s) (2 at the pace of like runs")
+    assert lines[-2].startswith("[bench] training left: about 2.2 core-hours for 3 run(s) (2 at the pace of like runs")
+    # the same on the CPU clock: LoRA s0 (1024 - 128) x 1.5 of its own, VectorFit s1 1024 x 1, LoRA s1
+    # 1024 x 1.5: 3,904 s. The two-thread and batch-16 files record no CPU time: nothing to borrow there
+    assert lines[-1] == "[bench] at the CPU time a step took (a quiet core's pace): about 1.1 core-hours for 3 run(s)"
+    cpu_paces = bench_status.measured_paces(results, bench_status.CPU)
+    assert sorted(cpu_paces["movie", "minilm", "", (32, 64)]) == [1.0, 1.5]
+    rows = bench_status.status("curves", results, {"tasks": ["movie"], "methods": ["lora_r8"], "seeds": ["0"],
+                                                   "lrs": ["1e-3"]}, at_step=1024)
+    assert bench_status.time_left(rows, cpu_paces, 1024, bench_status.CPU)["seconds"] == 1024 * 1.25  # its task's median
+    # a run whose like runs recorded no CPU time (results from before the field) is not counted on
+    # that clock, and the line says so: tweets LoRA r=8 seed 1 has seed 0's wall pace only
+    write(runs["tweets", "lora_r8", 0].path(results), {"steps": 100, "train_seconds": 300.0, "threads": 1,
+                                                      "config": cfg, "test": 0.7, "validation": 0.7})
+    lines.clear()
+    bench_status.print_status("curves", results, {"tasks": ["tweets"], "methods": ["vectorfit", "lora_r8"], "seeds": ["1"],
+                                           "lrs": ["1e-3"]}, lines.append, at_step=1024)
+    assert lines[-2].startswith("[bench] training left: about 1.4 core-hours for 2 run(s)")  # 1024 x (2 + 3)
+    assert lines[-1] == ("[bench] at the CPU time a step took (a quiet core's pace): about 0.3 core-hours for 1 run(s) "
+                         "(1 not counted: no CPU time recorded for them or like runs)")  # VectorFit: 1024 x 1
     # a suite counted in epochs (no max_steps) with no step asked for has no step budget to count
-    main_rows = bench.status("main", results, {"tasks": ["movie"], "methods": ["vectorfit"], "seeds": ["0"]})
-    assert bench.time_left(main_rows, paces) == {"seconds": 0.0, "runs": 0, "borrowed": 0, "unknown": 1}
+    main_rows = bench_status.status("main", results, {"tasks": ["movie"], "methods": ["vectorfit"], "seeds": ["0"]})
+    assert bench_status.time_left(main_rows, paces) == {"seconds": 0.0, "runs": 0, "borrowed": 0, "unknown": 1}
 
 
 def test_a_bench_beside_another_bench_gives_its_runs_one_thread(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_bert
-from vectorfit_recipes import bench, models
+from vectorfit_recipes import bench, bench_status, models
 from vectorfit_recipes.train import TrainConfig, run
 
 # a few optimizer steps on a tiny slice of the real movie data
@@ -418,7 +418,7 @@ def test_bench_stop_at_step_takes_every_run_that_far_and_a_later_bench_finishes_
     assert partial["stopped_at"] == 2 and [p["step"] for p in partial["curve"]] == [1]
     assert partial["curve"][0]["train_seconds"] > 0  # the pace bench --status estimates from
     assert bench.reached_step(out) == 2
-    assert [(r["state"], r["step"]) for r in bench.status("tiny", tmp_path)] == [("stopped", 2)]
+    assert [(r["state"], r["step"]) for r in bench_status.status("tiny", tmp_path)] == [("stopped", 2)]
     lines.clear()
     assert bench.run_suite("tiny", tmp_path, log=lines.append, stop_at_step=2) == 0  # nothing to do
     assert "1 of 1 runs already done (1 of them only to step 2), 0 to go" in lines[0]
@@ -478,7 +478,7 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
     write(vf[0], [pt(2, 0.75, 0.70)], training_strengths={"a": 1.0, "b": 3.0})
     write(vf[1], [pt(2, 0.71, 0.62)], training_strengths={"a": 2.0, "b": 2.0})
 
-    rows = {(r["run"].method, r["run"].seed): r for r in bench.status("converged", tmp_path)}
+    rows = {(r["run"].method, r["run"].seed): r for r in bench_status.status("converged", tmp_path)}
     assert rows[("lora_r1", 0)]["state"] == "done" and rows[("lora_r1", 0)]["test"] == 0.60  # not its end's 0.95
     assert rows[("lora_r1", 1)]["state"] == "done" and rows[("lora_r1", 1)]["test"] == 0.66
     assert rows[("lora_r1", 2)]["state"] == "stopped" and rows[("vectorfit", 2)]["state"] == "not started"

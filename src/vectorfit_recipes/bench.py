@@ -159,7 +159,7 @@ def _rate(text) -> float:
         raise SystemExit(f"vectorfit bench: --lrs takes learning rates such as 3e-3, got {text!r}") from None
 
 
-def _partial(path: Path) -> Optional[dict]:
+def read_partial(path: Path) -> Optional[dict]:
     """An unfinished run's ``.partial`` file (``None``: missing or unreadable)."""
     from .checkpoint import partial_path
 
@@ -170,7 +170,8 @@ def _partial(path: Path) -> Optional[dict]:
     return d if isinstance(d, dict) else None
 
 
-def _reached(d: Optional[dict]) -> Optional[int]:
+def last_step(d: Optional[dict]) -> Optional[int]:
+    """The last step a result or ``.partial`` records: its last curve point or where it stopped."""
     try:
         steps = [p["step"] for p in d.get("curve") or []] + ([d["stopped_at"]] if d.get("stopped_at") else [])
     except (KeyError, TypeError, AttributeError):
@@ -178,199 +179,10 @@ def _reached(d: Optional[dict]) -> Optional[int]:
     return max(steps) if steps else None
 
 
-def _timed(d: dict) -> list[dict]:
-    """A result's (or ``.partial``'s) curve points that carry their optimisation time."""
-    return [p for p in d.get("curve") or [] if p.get("train_seconds") is not None]
-
-
-def _pace(d: Optional[dict]) -> Optional[float]:
-    """Optimisation seconds a step: a finished result's over its whole run; an unfinished run's
-    recent pace, over its last curve interval (between its last two timed points). ``None`` where
-    the file does not tell."""
-    try:
-        if not d.get("partial") and d.get("train_seconds") is not None and d.get("steps"):
-            return float(d["train_seconds"]) / int(d["steps"])
-        timed = _timed(d)
-        if len(timed) < 2:
-            return None
-        a, b = timed[-2:]
-        return (b["train_seconds"] - a["train_seconds"]) / (b["step"] - a["step"])
-    except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError):
-        return None
-
-
-def _left(d: Optional[dict], upto: Optional[int] = None) -> Optional[float]:
-    """Training seconds from the last curve point to step ``upto`` (default: the run's end)."""
-    pace = _pace(d)
-    try:
-        total = int(d["total_steps"])
-        last = _timed(d)[-1]["step"]
-    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
-        return None
-    if pace is None:
-        return None
-    return max((total if upto is None else min(total, upto)) - last, 0) * pace
-
-
 def reached_step(path: Path) -> Optional[int]:
     """The step an unfinished run has reached by its ``.partial`` file: where ``--stop-at-step``
     stopped it, else its last learning-curve step (``None``: no readable partial)."""
-    return _reached(_partial(path))
-
-
-def training_left(path: Path) -> Optional[float]:
-    """Seconds of optimisation an unfinished run still needs, at the pace of its last curve interval
-    (the ``train_seconds`` of its last two ``.partial`` curve points; evaluation and start-up not
-    counted). ``None``: no partial, or fewer than two timed points."""
-    return _left(_partial(path))
-
-
-def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optional[int] = None) -> list[dict]:
-    """Where each run of a suite stands, read from its files (nothing is run or changed).
-
-    Args:
-        at_step: count a run done once its curve reaches this step, with its numbers there (what
-            ``bench --stop-at-step`` takes runs to); default: the suite's ``read_at_step``, if any.
-
-    Returns:
-        One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
-        process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
-        run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
-        ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running
-        one, less the time since its ``.partial`` was written or, if later, since its process
-        started), ``pace_s`` (its optimisation seconds a step, see :func:`_pace`, if measured) and,
-        when done, ``test`` and ``validation``.
-    """
-    from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
-
-    at = at_step if at_step is not None else read_at_step(name)
-    out = []
-    for r in select(runs_of(name), only, name):
-        path = r.path(results)
-        row: dict[str, Any] = {"run": r, "state": "not started", "step": None, "left_s": None, "pace_s": None}
-        if path.exists():
-            res = json.loads(path.read_text())
-            row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"),
-                       pace_s=_pace(res))
-            if at is not None:  # the suite's numbers are the curve's at its step, not the run's last
-                p = curve_point(res, at) or {}
-                row.update(step=at, test=p.get("test"), validation=p.get("validation"))
-        else:
-            part = _partial(path)  # read once for all three
-            row["step"], row["left_s"], row["pace_s"] = _reached(part), _left(part, at), _pace(part)
-            p = curve_point(part, at) if at is not None else None
-            if p is not None:  # far enough for this suite; whatever it trains on does not change it
-                row.update(state="done", step=at, test=p.get("test"), validation=p.get("validation"), left_s=None)
-            elif output_busy(str(path)):
-                row["state"] = "running"
-                if row["left_s"] is not None:
-                    # it has trained on since its last curve point, or since it started if it resumed
-                    # after that point (the lock file's time is when its holder took it)
-                    try:
-                        began = max(partial_path(str(path)).stat().st_mtime, lock_path(str(path)).stat().st_mtime)
-                        row["left_s"] = max(row["left_s"] - max(time.time() - began, 0.0), 0.0)
-                    except OSError:  # it finished meanwhile (its partial and lock are removed)
-                        row["left_s"] = None
-            elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
-                row["state"] = "stopped"
-        out.append(row)
-    return out
-
-
-def _shape(settings: dict) -> tuple:
-    """What a step's cost depends on besides task, model and method: the batch and its length."""
-    from .train_config import TrainConfig
-
-    return tuple(settings.get(k, getattr(TrainConfig, k)) for k in ("batch_size", "max_len"))
-
-
-def measured_paces(results: Path) -> dict[tuple, list[float]]:
-    """The pace (:func:`_pace`) of every one-thread run under ``results``, finished or not, keyed by
-    ``(task, model, method, (batch size, length))`` and pooled over any task (``task=""``) and over
-    any method (``method=""``): what :func:`time_left` estimates a run that has not started from.
-    Runs on more threads go at another pace and are left out."""
-    out: dict[tuple, list[float]] = {}
-    for f in sorted(Path(results).glob("*/*/*/*.json*")):
-        if not f.name.endswith((".json", ".json.partial")):
-            continue
-        try:
-            d = json.loads(f.read_text())
-            cfg = d["config"]
-            threads = d.get("threads", cfg.get("threads"))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            continue
-        pace = _pace(d)
-        if pace is not None and threads == 1:
-            task, model, method = f.relative_to(results).parts[:3]
-            shape = _shape(cfg)
-            for key in ((task, model, method, shape), ("", model, method, shape), (task, model, "", shape)):
-                out.setdefault(key, []).append(pace)
-    return out
-
-
-def time_left(rows: list[dict], paces: dict[tuple, list[float]], at_step: Optional[int] = None) -> dict:
-    """The optimisation time the unfinished runs of :func:`status`'s ``rows`` still need, one
-    thread each (so: core-seconds; evaluation and start-up not counted).
-
-    A run with an estimate of its own (``left_s``) counts with it. Any other unfinished run counts
-    its steps still to go (to ``at_step`` or its ``max_steps``, whichever comes first) at the median
-    of ``paces`` (:func:`measured_paces`) of runs of its task, model and method with its batch
-    shape; failing that, its model and method on any task; failing that, any method on its task and
-    model. That is the pace like runs measured on this machine, under whatever ran beside them.
-
-    Returns:
-        ``seconds`` (the sum), ``runs`` (how many it covers), ``borrowed`` (how many of those took
-        other runs' pace) and ``unknown`` (unfinished runs with no step budget or no pace to go by).
-    """
-    import statistics
-
-    out = {"seconds": 0.0, "runs": 0, "borrowed": 0, "unknown": 0}
-    for row in rows:
-        if row["state"] == "done":
-            continue
-        r = row["run"]
-        if row.get("left_s") is not None:
-            out["seconds"] += row["left_s"]
-            out["runs"] += 1
-            continue
-        settings = dict(r.settings)
-        budgets = [int(b) for b in (settings.get("max_steps"), at_step) if b is not None]
-        h = _shape(settings)
-        pace = (paces.get((r.task, r.model, r.method, h)) or paces.get(("", r.model, r.method, h))
-                or paces.get((r.task, r.model, "", h)))
-        if not budgets or not pace:
-            out["unknown"] += 1
-            continue
-        out["seconds"] += max(min(budgets) - (row["step"] or 0), 0) * statistics.median(pace)
-        out["runs"] += 1
-        out["borrowed"] += 1
-    return out
-
-
-def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any = print,
-                 at_step: Optional[int] = None) -> None:
-    """``vectorfit bench --status``: one line per run of the suite (see :func:`status`)."""
-    rows = status(name, results, only, at_step)
-    counts = {k: sum(r["state"] == k for r in rows) for k in ("done", "running", "stopped", "not started")}
-    log(f"[bench] suite {name}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; results in {results}")
-    width = max([16] + [len(row["run"].shown_method) for row in rows])
-    for row in rows:
-        r = row["run"]
-        where = f"step {row['step']}" if row["step"] is not None else ""
-        score = (f"test {row['test']:.4f} (val {row['validation']:.4f})"
-                 if row["state"] == "done" and row.get("test") is not None else "")
-        if row["left_s"] is not None:
-            score = f"~{row['left_s'] / 60:.0f} min of training left"
-        log(f"  {row['state']:<11} {r.task:<12} {r.shown_method:<{width}} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
-    left = time_left(rows, measured_paces(results), at_step if at_step is not None else read_at_step(name))
-    if left["unknown"] and not left["runs"]:
-        log(f"[bench] training left: not known yet ({left['unknown']} run(s) with no pace or step budget to go by)")
-    elif left["runs"]:
-        how = [f"{left['borrowed']} at the pace of like runs under {results}"] if left["borrowed"] else []
-        how += [f"{left['unknown']} not counted: no pace or step budget to go by"] if left["unknown"] else []
-        log(f"[bench] training left: about {left['seconds'] / 3600:.1f} core-hours for {left['runs']} run(s)"
-            + (f" ({'; '.join(how)})" if how else "")
-            + "; N one-thread runs at once on N cores take about 1/N of it")
+    return last_step(read_partial(path))
 
 
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,

@@ -430,7 +430,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds", "lrs", "options")
                     if getattr(ns, k)}
             if ns.status:
-                from .bench import print_status
+                from .bench_status import print_status
 
                 print_status(ns.suite, results, only, at_step=ns.stop_at_step)
                 return 0
