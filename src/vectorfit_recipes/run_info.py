@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["versions", "peak_rss_mb", "TrainClock", "jsonable", "dir_bytes", "SPECTRA_METHODS", "spectra_layers",
-           "delta_spectra"]
+__all__ = ["versions", "peak_rss_mb", "TrainClock", "jsonable", "dir_bytes", "SPECTRA_METHODS",
+           "spectra_layers", "delta_spectra"]
 
 
 def versions() -> dict:
