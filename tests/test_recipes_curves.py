@@ -464,7 +464,8 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
         last = curve[-1] if curve else {}
         path.write_text(json.dumps({
             "task": "movie", "model": "minilm", "method": r.method, "seed": r.seed, "lr": r.lr, "metric": "accuracy",
-            "curve": curve, "config": {"pooling": "mean"}, "trainable_params": 5, "total_params": 10,
+            "curve": curve, "trainable_params": 5, "total_params": 10,
+            "config": {"pooling": "mean", **dict(r.settings)},  # a run records its settings, its own included
             **({"partial": True} if partial else {"test": last["test"], "validation": last["validation"],
                                                    "steps": last["step"], "train_seconds": last["train_seconds"]}),
             **extra}))
@@ -489,6 +490,9 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
     text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
     section = text[text.index("## Suite `converged`"):]
     assert "max_steps=4 (read at step 2)" in section.split("\n")[2]  # the Settings line: the curves' budget
+    # ... and the curves' settings, though VectorFit's runs, which the suite lists first, have their own
+    assert "eval_steps=2,4" in section.split("\n")[2]
+    assert section.split("\n")[4] == "Methods with settings of their own: VectorFit: max_steps=2, eval_steps=2."
     # step-2 test values: VectorFit (0.70 + 0.62) / 2 = 66.00, std 5.66; LoRA (0.60 + 0.66) / 2 = 63.00, std 4.24
     assert "| VectorFit | 66.00 ± 5.66 (n=2) | 73.00 ± 2.83 (n=2) |  | 5 |  | 0.003 | 20 |  |" in section
     assert "| LoRA r=1 | 63.00 ± 4.24 (n=2) | 71.00 ± 1.41 (n=2) |  | 5 |  | 0.001 | 20 |  |" in section

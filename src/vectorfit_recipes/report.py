@@ -367,7 +367,12 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
         source = spec.get("rates_chosen_by")  # a sweep's choice holds here (curves)
         if source:
             with_partial += partials[source] if source in partials else load_partials(results_dir, source)
-        settings = {k: v for k, v in next(r for r in with_partial if r["_suite"] == suite)["config"].items()
+        own_settings = spec.get("method_settings") or {}
+        # the suite's settings as a run records them (defaults filled in), from a run of a method
+        # without settings of its own (those are listed apart below)
+        runs = [r for r in with_partial if r["_suite"] == suite]
+        typical = next((r for r in runs if r.get("method") not in own_settings), runs[0])
+        settings = {k: v for k, v in typical["config"].items()
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}
         at = spec.get("read_at_step")
@@ -375,11 +380,10 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
         if at is not None and budget not in (None, at):  # the curves' budget, not the table's
             settings["max_steps"] = f"{budget} (read at step {at})"
         lines += [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", ""]
-        method_settings = spec.get("method_settings") or {}
-        if method_settings:  # e.g. VectorFit's budget-dependent AVF schedule: runs of their own
+        if own_settings:  # e.g. VectorFit's budget-dependent AVF schedule: runs of their own
             lines += ["Methods with settings of their own: " + "; ".join(
                 f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items())
-                for m, st in method_settings.items()) + ".", ""]
+                for m, st in own_settings.items()) + ".", ""]
         if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
             sub = aggregate(read_at(with_partial, suite, int(at)))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
