@@ -120,12 +120,10 @@ def _shape(settings: dict) -> tuple:
     return tuple(settings.get(k, getattr(TrainConfig, k)) for k in ("batch_size", "max_len"))
 
 
-def measured_paces(results: Path, clock: str = WALL) -> dict[tuple, list[float]]:
-    """The pace (:func:`_pace` on ``clock``) of every one-thread run under ``results``, finished or
-    not, keyed by ``(task, model, method, (batch size, length))`` and pooled over any task
-    (``task=""``) and over any method (``method=""``): what :func:`time_left` estimates a run that
-    has not started from. Runs on more threads go at another pace and are left out."""
-    out: dict[tuple, list[float]] = {}
+def _one_thread_runs(results: Path) -> list[tuple[tuple, dict]]:
+    """Every one-thread result and ``.partial`` under ``results``, read, with the keys its pace
+    counts under in :func:`measured_paces`. Runs on more threads go at another pace and are left out."""
+    out = []
     for f in sorted(Path(results).glob("*/*/*/*.json*")):
         if not f.name.endswith((".json", ".json.partial")):
             continue
@@ -135,11 +133,25 @@ def measured_paces(results: Path, clock: str = WALL) -> dict[tuple, list[float]]
             threads = d.get("threads", cfg.get("threads"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
-        pace = _pace(d, clock)
-        if pace is not None and threads == 1:
+        if threads == 1:
             task, model, method = f.relative_to(results).parts[:3]
             shape = _shape(cfg)
-            for key in ((task, model, method, shape), ("", model, method, shape), (task, model, "", shape)):
+            out.append((((task, model, method, shape), ("", model, method, shape), (task, model, "", shape)), d))
+    return out
+
+
+def measured_paces(results: Path, clock: str = WALL,
+                   runs: Optional[list[tuple[tuple, dict]]] = None) -> dict[tuple, list[float]]:
+    """The pace (:func:`_pace` on ``clock``) of every one-thread run under ``results``, finished or
+    not, keyed by ``(task, model, method, (batch size, length))`` and pooled over any task
+    (``task=""``) and over any method (``method=""``): what :func:`time_left` estimates a run that
+    has not started from. ``runs``: :func:`_one_thread_runs` of ``results`` if read already (one
+    read of the folder for both clocks)."""
+    out: dict[tuple, list[float]] = {}
+    for keys, d in runs if runs is not None else _one_thread_runs(results):
+        pace = _pace(d, clock)
+        if pace is not None:
+            for key in keys:
                 out.setdefault(key, []).append(pace)
     return out
 
@@ -204,7 +216,8 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
             score = f"~{row['left_s'] / 60:.0f} min of training left"
         log(f"  {row['state']:<11} {r.task:<12} {r.shown_method:<{width}} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
     at = at_step if at_step is not None else read_at_step(name)
-    left = time_left(rows, measured_paces(results), at)
+    runs = _one_thread_runs(results)  # read once, for both clocks
+    left = time_left(rows, measured_paces(results, WALL, runs), at)
     if left["unknown"] and not left["runs"]:
         log(f"[bench] training left: not known yet ({left['unknown']} run(s) with no pace or step budget to go by)")
     elif left["runs"]:
@@ -213,7 +226,7 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
         log(f"[bench] training left: about {left['seconds'] / 3600:.1f} core-hours for {left['runs']} run(s)"
             + (f" ({'; '.join(how)})" if how else "")
             + "; N one-thread runs at once on N cores take about 1/N of it")
-    cpu = time_left(rows, measured_paces(results, CPU), at, CPU)
+    cpu = time_left(rows, measured_paces(results, CPU, runs), at, CPU)
     if cpu["runs"]:  # runs trained since results record CPU time: what a quiet machine would take
         log(f"[bench] at the CPU time a step took (a quiet core's pace): about {cpu['seconds'] / 3600:.1f} "
             f"core-hours for {cpu['runs']} run(s)"
