@@ -289,9 +289,10 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
     assert not Path(f"{second.path(results)}.lock").exists()  # looking at a run does not make a lock file
     # timed curve points: the time left is the steps left at the last interval's pace
     # (64 -> 128 took 228 - 100 = 128 s, 2 s a step; 256 - 128 = 128 steps left -> 256 s)
+    # (the CPU clock ran at half the wall clock's pace: 64 -> 128 took 64 CPU seconds, 1 s a step)
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
-        {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0},
-        {"step": 128, "train_seconds": 228.0}]}))
+        {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0, "train_cpu_seconds": 50.0},
+        {"step": 128, "train_seconds": 228.0, "train_cpu_seconds": 114.0}]}))
     assert bench_status.training_left(out) == pytest.approx(256.0)
     lines = []
     bench_status.print_status("smoke", results, log=lines.append)
@@ -318,13 +319,16 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
         ago(f"{out}.lock", 150.0)
         row = bench_status.status("smoke", results)[0]
         assert row["state"] == "running" and row["left_s"] == pytest.approx(156.0, abs=10.0)
+        # its CPU estimate (128 steps at 1 s = 128 s) loses the 100 s at its half share: 78 s
+        assert row["cpu_left_s"] == pytest.approx(78.0, abs=5.0)
         # resumed after its last point was written: it counts from its own start, not the old point
         ago(f"{out}.partial", 3000.0)
         assert bench_status.status("smoke", results)[0]["left_s"] == pytest.approx(106.0, abs=10.0)
     # looking does not date the lock anew (only its holder does)
     ago(f"{out}.lock", 500.0)
     assert not checkpoint.output_busy(str(out)) and time.time() - Path(f"{out}.lock").stat().st_mtime > 400.0
-    assert bench_status.status("smoke", results)[0]["left_s"] == pytest.approx(256.0)
+    row = bench_status.status("smoke", results)[0]
+    assert (row["left_s"], row["cpu_left_s"]) == (pytest.approx(256.0), pytest.approx(128.0))
     # one timed point (or an untimed partial from before) gives no estimate rather than a wrong one
     Path(f"{out}.partial").write_text(json.dumps({"partial": True, "total_steps": 256, "curve": [
         {"step": 64}, {"step": 128, "train_seconds": 228.0}]}))

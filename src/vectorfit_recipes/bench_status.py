@@ -71,8 +71,9 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running
         one, less the time since its ``.partial`` was written or, if later, since its process
         started), ``pace_s`` (its optimisation seconds a step, see :func:`_pace`, if measured),
-        ``cpu_left_s`` and ``cpu_pace_s`` (the same in CPU seconds, where the run records them; nothing
-        is taken off for a running run) and, when done, ``test`` and ``validation``.
+        ``cpu_left_s`` and ``cpu_pace_s`` (the same in CPU seconds, where the run records them; for a
+        running one, less that time scaled by its CPU-to-wall share a step) and, when done, ``test``
+        and ``validation``.
     """
     from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
 
@@ -104,9 +105,14 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
                     # after that point (the lock file's time is when its holder took it)
                     try:
                         began = max(partial_path(str(path)).stat().st_mtime, lock_path(str(path)).stat().st_mtime)
-                        row["left_s"] = max(row["left_s"] - max(time.time() - began, 0.0), 0.0)
+                        since = max(time.time() - began, 0.0)
+                        row["left_s"] = max(row["left_s"] - since, 0.0)
+                        if row["cpu_left_s"] is not None and row["pace_s"]:
+                            # its CPU clock ran at its own share of the wall clock since then
+                            share = row["cpu_pace_s"] / row["pace_s"]
+                            row["cpu_left_s"] = max(row["cpu_left_s"] - since * share, 0.0)
                     except OSError:  # it finished meanwhile (its partial and lock are removed)
-                        row["left_s"] = None
+                        row["left_s"] = row["cpu_left_s"] = None
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"
         out.append(row)
