@@ -98,7 +98,7 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
 
 
 def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_path):
-    """recipe's three options share task, method, rate and seed; only the settings tell them apart.
+    """recipe's options share task, method, rate and seed; only the settings tell them apart.
     Status and progress lines must name the option, and the name must not enter the run's path (a
     renamed option would otherwise orphan its finished runs)."""
     runs = [r for r in bench.runs_of("recipe") if (r.task, r.seed) == ("movie", 0)]
@@ -109,10 +109,11 @@ def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_p
     lines = []
     bench_status.print_status("recipe", tmp_path, only={"tasks": ["movie"], "seeds": [0]}, log=lines.append)
     assert [ln.split()[3] for ln in lines if ln.startswith("  ")] == [
-        "vectorfit[paper]", "vectorfit[relative]", "vectorfit[bias_lr_0.1]"]
-    assert lines[-1] == "[bench] training left: not known yet (3 run(s) with no pace or step budget to go by)"
+        "vectorfit[paper]", "vectorfit[relative]", "vectorfit[bias_lr_0.1]", "vectorfit[head_lr_1e-2]",
+        "vectorfit[head_lr_1e-4]"]
+    assert lines[-1] == "[bench] training left: not known yet (5 run(s) with no pace or step budget to go by)"
     assert [r.option for r in bench.select(runs, {"options": ["relative", "paper"]})] == ["paper", "relative"]
-    with pytest.raises(SystemExit, match="its options: bias_lr_0.1, paper, relative"):
+    with pytest.raises(SystemExit, match="its options: bias_lr_0.1, head_lr_1e-2, head_lr_1e-4, paper, relative"):
         bench.select(runs, {"options": ["relativ"]}, "recipe")
     # a suite without options shows the bare method
     assert all(r.option == "" and r.shown_method == r.method for r in bench.runs_of("main"))

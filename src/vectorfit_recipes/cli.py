@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--seeds", default=None, metavar="S1,S2", help="only the suite's runs with these seeds")
     p_bench.add_argument("--options", default=None, metavar="O1,O2",
                          help="only the suite's runs with these of its named options (recipe: paper, relative, "
-                              "bias_lr_0.1; --status shows them in brackets after the method)")
+                              "bias_lr_0.1, head_lr_1e-2, head_lr_1e-4; --status shows them in brackets after the method)")
     p_bench.add_argument("--lrs", default=None, metavar="LR1,LR2",
                          help="only the suite's runs at these learning rates (e.g. 3e-3 to run a method's chosen "
                               "rate's seeds before its other rates)")
