@@ -38,6 +38,11 @@ def test_curve_points_are_the_runs_at_shorter_budgets(tmp_path):
     assert short["curve"] == []
     assert long["curve"][0]["test"] == short["test"]
     assert long["curve"][0]["validation"] == short["validation"]
+    # each point records the trained vectors' strengths of its step: the short run's at its end, and
+    # the long run's own at the last point (the final weights); they moved between the two
+    assert long["curve"][0]["training_strengths"] == short["training_strengths"]
+    assert long["curve"][-1]["training_strengths"] == long["training_strengths"] != short["training_strengths"]
+    assert len(short["training_strengths"]) > 2 and all(v >= 0 for v in short["training_strengths"].values())
     assert long["curve"][0]["epoch"] == pytest.approx(2 / 8)  # 64 examples / batch 8 = 8 steps an epoch
 
 
@@ -475,7 +480,8 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
         return {"step": step, "validation": val, "test": test, "train_seconds": 10.0 * step}
 
     write(lora[0], [pt(2, 0.70, 0.60), pt(4, 0.90, 0.95)], training_strengths={"a": 1.0, "b": 3.0})  # finished
-    write(lora[1], [pt(2, 0.72, 0.66)], partial=True)  # still training, past step 2
+    # still training, past step 2; its point there records strengths (as a VectorFit run's does)
+    write(lora[1], [{**pt(2, 0.72, 0.66), "training_strengths": {"a": 1.0, "b": 1.0, "c": 4.0}}], partial=True)
     write(lora[2], [], partial=True)  # not at step 2 yet: not counted
     write(vf[0], [pt(2, 0.75, 0.70)], training_strengths={"a": 1.0, "b": 3.0})
     write(vf[1], [pt(2, 0.71, 0.62)], training_strengths={"a": 2.0, "b": 2.0})
@@ -499,13 +505,17 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
     assert "| LoRA r=1 | 63.00 ± 4.24 (n=2) | 71.00 ± 1.41 (n=2) |  | 5 |  | 0.001 | 20 |  |" in section
     # paired by seed: 0.70 - 0.60 = +10, 0.62 - 0.66 = -4 -> +3.00 ± 9.90, VectorFit ahead on 1 of 2
     assert "| LoRA r=1 | +3.00 ± 9.90 (1/2) |" in section
-    # the balance table has the runs that ended at step 2 only: cv of (1, 3) = 0.5, of (2, 2) = 0
+    # the balance table has the strengths at step 2 (VectorFit's runs ended there): cv of (1, 3) = 0.5,
+    # of (2, 2) = 0
     assert "| movie | VectorFit | 0.25 ± 0.35 (n=2) |" in section
     # what a run measured at its end is not its state at step 2: dropped from a run read earlier
     from vectorfit_recipes.report_curves import read_at
 
     (early,) = read_at([{**json.loads(lora[0].path(tmp_path).read_text()), "_suite": "converged"}], "converged", 2)
     assert early["test"] == 0.60 and early["steps"] == 2 and "training_strengths" not in early
+    (mid,) = read_at([{**json.loads(Path(f"{lora[1].path(tmp_path)}.partial").read_text()), "_suite": "converged"}],
+                     "converged", 2)
+    assert mid["training_strengths"] == {"a": 1.0, "b": 1.0, "c": 4.0}  # the step's, though not its end
     assert early["train_seconds"] == 20.0  # the point's time, not the run's 40 s to step 4
     # an untimed point (older runs) has no time at the step: not the run's time to its end
     old = json.loads(lora[0].path(tmp_path).read_text())

@@ -383,6 +383,10 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                              "validation": ev(data.validation, f"validation @{st.step}"),
                              "test": ev(data.test, f"test @{st.step}"), "train_seconds": round(wall, 3),
                              "train_cpu_seconds": None if cpu is None else round(cpu, 3)}
+                    if hasattr(model, "training_strengths"):
+                        # the balance AVF is for, at this step: a table read at a shorter budget than
+                        # the run's (converged reads curves at 1,024) has it without a run of its own
+                        point["training_strengths"] = run_info.jsonable(model.training_strengths())
                     st.curve.append(point)
                     tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, "
                                f"test {point['test']:.4f}")
