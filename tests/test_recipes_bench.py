@@ -71,6 +71,24 @@ def test_methods_table_records_lr_and_source_for_every_method():
             assert table[m]["lr"] in table[m]["sweep"], m
 
 
+def test_the_rates_checked_at_1024_steps_are_the_ones_the_realistic_suites_run():
+    """methods.json's 3-seed check at 1,024 steps (issue 14 part 3) and the suites must agree: its
+    rate is the best recorded mean validation, every recorded rate was a rate of the check suite on
+    those seeds, and converged (and curves, for the methods curves runs) run that rate."""
+    table, suites = methods.method_table(), bench.suites()
+    checked = {m: t["at_1024_steps"] for m, t in table.items() if "at_1024_steps" in t}
+    assert {"vectorfit", "lora_r1", "lora_r8"} <= set(checked)
+    rates = suites["converged-rates"]
+    for m, c in checked.items():
+        means = {float(lr): v for lr, v in c["mean_validation"].items()}
+        assert c["lr"] == max(means, key=means.get), m
+        assert set(means) <= set(rates["lrs"][m]) and set(c["seeds"]) <= set(rates["seeds"]), m
+        assert suites["converged"]["lrs"][m] == [c["lr"]], m
+        if m in suites["curves"]["lrs"] and m != "vectorfit":  # curves runs VectorFit at two rates
+            assert suites["curves"]["lrs"][m] == [c["lr"]], m
+    assert suites["converged"]["lrs"]["no_avf"] == [checked["vectorfit"]["lr"]]  # one rate for the variants
+
+
 def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     for name, s in bench.suites().items():
         for m in s["methods"]:
