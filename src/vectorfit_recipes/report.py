@@ -388,9 +388,9 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
             sub = aggregate(read_at(with_partial, suite, int(at)))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
-                      "is not counted. Training strengths (balance table) are those at step {at}: recorded at "
-                      f"each curve point since the sixteenth session, and for older runs only where they ended "
-                      f"there.", ""]
+                      f"is not counted. Training strengths (balance table) are those at step {at}: recorded at "
+                      "each curve point since the sixteenth session, and for older runs only where they ended "
+                      "there.", ""]
             lines += _suite_tables(sub, suite) + _rate_choice_lines(sub, suite)
             if any(len(v) > 1 for v in spec.get("lrs", {}).values()):  # a rate check: one rate a method
                 sub = at_chosen_rates(sub, suite, {m: float(v[0]) for m, v in spec["lrs"].items()})
