@@ -408,7 +408,7 @@ def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_
     cpu_paces = bench_status.measured_paces(results, bench_status.CPU)
     assert sorted(cpu_paces["movie", "minilm", "", (32, 64)]) == [1.0, 1.5]
     rows = bench_status.status("curves", results, {"tasks": ["movie"], "methods": ["lora_r8"], "seeds": ["0"],
-                                                   "lrs": ["1e-3"]}, at_step=1024)
+                                                   "lrs": ["5e-4"]}, at_step=1024)
     # its task's median
     assert bench_status.time_left(rows, cpu_paces, 1024, bench_status.CPU)["seconds"] == 1024 * 1.25
     # a run whose like runs recorded no CPU time (results from before the field) is not counted on
@@ -417,7 +417,7 @@ def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_
                                                       "config": cfg, "test": 0.7, "validation": 0.7})
     lines.clear()
     bench_status.print_status("curves", results, {"tasks": ["tweets"], "methods": ["vectorfit", "lora_r8"],
-                                                  "seeds": ["1"], "lrs": ["1e-3"]}, lines.append, at_step=1024)
+                                                  "seeds": ["1"], "lrs": ["1e-3", "5e-4"]}, lines.append, at_step=1024)
     assert lines[-2].startswith("[bench] training left: about 1.4 core-hours for 2 run(s)")  # 1024 x (2 + 3)
     assert lines[-1] == ("[bench] at the CPU time a step took (a quiet core's pace): about 0.3 core-hours for 1 run(s) "
                          "(1 not counted: no CPU time recorded for them or like runs)")  # VectorFit: 1024 x 1
