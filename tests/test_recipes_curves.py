@@ -500,7 +500,8 @@ def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp
     # ... and the curves' settings, though VectorFit's runs, which the suite lists first, have their own
     assert "eval_steps=2,4" in section.split("\n")[2]
     assert section.split("\n")[4] == "Methods with settings of their own: VectorFit: max_steps=2, eval_steps=2."
-    assert "Training strengths (balance table) are those at step 2: recorded at each curve point" in section
+    assert "Training strengths (balance table) are those at step 2, from runs whose curve points" in section
+    assert "#### Balance of the trained vectors (training strength = mean |change| per element, at step 2)" in section
     # step-2 test values: VectorFit (0.70 + 0.62) / 2 = 66.00, std 5.66; LoRA (0.60 + 0.66) / 2 = 63.00, std 4.24
     assert "| VectorFit | 66.00 ± 5.66 (n=2) | 73.00 ± 2.83 (n=2) |  | 5 |  | 0.003 | 20 |  |" in section
     assert "| LoRA r=1 | 63.00 ± 4.24 (n=2) | 71.00 ± 1.41 (n=2) |  | 5 |  | 0.001 | 20 |  |" in section

@@ -312,8 +312,14 @@ def strength_spread(strengths: dict[str, float]) -> Optional[dict[str, float]]:
     return {"cv": statistics.pstdev(xs) / mean, "max_over_mean": max(xs) / mean}
 
 
-def _balance_table(agg: dict, suite: str) -> list[str]:
-    """AVF's purpose in numbers: how evenly the trained vectors moved, VectorFit with vs. without AVF."""
+def _balance_table(agg: dict, suite: str, at: Optional[int] = None) -> list[str]:
+    """AVF's purpose in numbers: how evenly the trained vectors moved, VectorFit with vs. without AVF.
+
+    Args:
+        agg: aggregated runs (``aggregate``), read at ``at`` for a suite read at one step.
+        suite: the suite whose rows are shown.
+        at: the step the strengths were read at; ``None`` when they are the runs' final ones.
+    """
     keys = [k for k in agg if k[0] == suite and k[3] in ("vectorfit", "no_avf")]
     one = _one_lr(keys)
     rows = []
@@ -324,7 +330,8 @@ def _balance_table(agg: dict, suite: str) -> list[str]:
             rows.append(f"| {task} | {LABELS[method]} | {_fmt(*cv, len(spreads), 1.0)} | {_fmt(*mx, len(spreads), 1.0)} |")
     if not rows:
         return []
-    return ["#### Balance of the trained vectors (training strength = mean |change| per element, at the end of training)", "",
+    when = "at the end of training" if at is None else f"at step {at}"
+    return [f"#### Balance of the trained vectors (training strength = mean |change| per element, {when})", "",
             "| task | method | coefficient of variation | max / mean |", "|---|---|---|---|", *rows, ""]
 
 
@@ -388,15 +395,15 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
             sub = aggregate(read_at(with_partial, suite, int(at)))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
-                      f"is not counted. Training strengths (balance table) are those at step {at}: recorded at "
-                      "each curve point since the sixteenth session, and for older runs only where they ended "
-                      "there.", ""]
+                      f"is not counted. Training strengths (balance table) are those at step {at}, from runs "
+                      "whose curve points record them or that ended there; older runs whose points do not record "
+                      "them are left out of that table.", ""]
             lines += _suite_tables(sub, suite) + _rate_choice_lines(sub, suite)
             if any(len(v) > 1 for v in spec.get("lrs", {}).values()):  # a rate check: one rate a method
                 sub = at_chosen_rates(sub, suite, {m: float(v[0]) for m, v in spec["lrs"].items()})
                 lines += ["Paired below at each method's chosen rate (the rate choice above), or, where the "
                           "rates have not yet run on the same seeds, at the rate the suite lists first.", ""]
-            lines += _paired_table(sub, suite) + _balance_table(sub, suite)
+            lines += _paired_table(sub, suite) + _balance_table(sub, suite, int(at))
             p = plot_params(sub, suite, plots)
             if p:
                 lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
