@@ -207,6 +207,24 @@ def test_paired_differences_match_a_by_hand_computation():
     assert "| LoRA r=1 | -0.50 ± 2.12 (1/2) |" in table
 
 
+def test_task_average_covers_the_tasks_every_method_ran_and_names_the_rest():
+    vals = {("vectorfit", "movie"): (0.80, 0.82), ("vectorfit", "tweets"): (0.70, 0.74),
+            ("lora_r1", "movie"): (0.84, 0.86), ("lora_r1", "tweets"): (0.76, 0.78), ("lora_r1", "bbc"): (0.97, 0.99)}
+    results = [_fake_result(m, t, seed, v) for (m, t), vs in vals.items() for seed, v in enumerate(vs)]
+    table = "\n".join(report._suite_tables(report.aggregate(results), "main"))
+    assert "#### Average over 2 tasks (minilm: movie, tweets)" in table
+    assert "Left out of the average: bbc (not every method ran it yet)." in table
+    # VectorFit: per-seed task averages 0.75 and 0.78 -> mean 76.50, sample std 2.12
+    assert "| VectorFit | 76.50 ± 2.12 (n=2) | 10 |" in table
+    assert "| LoRA r=1 | 81.00 ± 1.41 (n=2) | 10 |" in table
+    # With bbc dropped for LoRA r=1 too, only one task is shared: fall back to all tasks, complete methods only
+    only_movie = [r for r in results if not (r["method"] == "vectorfit" and r["task"] == "tweets")]
+    table = "\n".join(report._suite_tables(report.aggregate(only_movie), "main"))
+    assert "#### Average over 3 tasks (minilm: bbc, movie, tweets)" in table
+    assert "Only methods that ran every task: VectorFit left out." in table
+    assert "| LoRA r=1 | 86.67 ± 1.41 (n=2) | 10 |" in table and "| VectorFit | " not in table.split("Average over")[1]
+
+
 def test_one_seed_is_not_shown_with_a_zero_spread():
     assert report._fmt(0.731, 0.0, 1) == "73.10 (n=1)"
     assert report._fmt(0.731, 0.012, 3) == "73.10 ± 1.20"

@@ -129,23 +129,34 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
                     f"{trainable} | {kb} | {a['lr']:g} | {secs} | {rss} |"
                 )
             lines.append("")
-        # Average across tasks: only methods that ran on every task, mean of the per-task means;
-        # the spread is the std over seeds of the per-seed task averages.
+        # Average across tasks, mean of the per-task means; the spread is the std over seeds of the
+        # per-seed task averages. A suite still being filled has tasks only some methods ran: the
+        # average then covers the tasks every method ran (so every method has a row), and only if
+        # fewer than two such tasks exist does it fall back to all tasks and the methods that ran them.
         one = _one_lr(keys)
         methods = sorted({k[3] for k in keys if k[2] == model}, key=_method_key)
-        complete = [m for m in methods if all((t, model, m) in one for t in tasks)]
-        if len(tasks) > 1 and complete:
-            lines += [f"#### Average over {len(tasks)} tasks ({model}: {', '.join(tasks)})", "",
-                      f"| method | average test × 100 | trainable params (with the {tasks[0]} head) |", "|---|---|---|"]
+        shared = [t for t in tasks if all((t, model, m) in one for m in methods)]
+        avg_tasks = shared if len(shared) > 1 else tasks
+        complete = [m for m in methods if all((t, model, m) in one for t in avg_tasks)]
+        if len(avg_tasks) > 1 and complete:
+            left_out = [t for t in tasks if t not in avg_tasks]
+            lines += [f"#### Average over {len(avg_tasks)} tasks ({model}: {', '.join(avg_tasks)})", ""]
+            if left_out:
+                lines += [f"Left out of the average: {', '.join(left_out)} (not every method ran it yet).", ""]
+            elif len(complete) < len(methods):
+                lines += ["Only methods that ran every task: "
+                          + ", ".join(LABELS.get(m, m) for m in methods if m not in complete) + " left out.", ""]
+            lines += [f"| method | average test × 100 | trainable params (with the {avg_tasks[0]} head) |",
+                      "|---|---|---|"]
             for m in complete:
                 per_seed = defaultdict(list)
-                for t in tasks:
+                for t in avg_tasks:
                     for r in agg[one[(t, model, m)]]["runs"]:
                         per_seed[r["seed"]].append(r["test"])
-                full = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
-                mean = statistics.fmean(agg[one[(t, model, m)]]["test"][0] for t in tasks)
+                full = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(avg_tasks)]
+                mean = statistics.fmean(agg[one[(t, model, m)]]["test"][0] for t in avg_tasks)
                 std = statistics.stdev(full) if len(full) > 1 else 0.0
-                trainable = agg[one[(tasks[0], model, m)]]["trainable"]
+                trainable = agg[one[(avg_tasks[0], model, m)]]["trainable"]
                 lines.append(f"| {LABELS.get(m, m)} | {_fmt(mean, std, len(full))} | "
                              + ("" if trainable is None else f"{trainable:,}") + " |")
             lines.append("")
@@ -382,7 +393,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
         settings = {k: v for k, v in typical["config"].items()
                     if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
                              "pooling", "eval_steps")}
-        at = spec.get("read_at_step")
+        at = None if spec.get("read_at_step") is None else int(spec["read_at_step"])
         budget = spec.get("settings", {}).get("max_steps")
         if at is not None and budget not in (None, at):  # the curves' budget, not the table's
             settings["max_steps"] = f"{budget} (read at step {at})"
@@ -392,7 +403,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                 f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items())
                 for m, st in own_settings.items()) + ".", ""]
         if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
-            sub = aggregate(read_at(with_partial, suite, int(at)))
+            sub = aggregate(read_at(with_partial, suite, at))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
                       f"is not counted. Training strengths (balance table) are those at step {at}, from runs "
@@ -403,7 +414,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                 sub = at_chosen_rates(sub, suite, {m: float(v[0]) for m, v in spec["lrs"].items()})
                 lines += ["Paired below at each method's chosen rate (the rate choice above), or, where the "
                           "rates have not yet run on the same seeds, at the rate the suite lists first.", ""]
-            lines += _paired_table(sub, suite) + _balance_table(sub, suite, int(at))
+            lines += _paired_table(sub, suite) + _balance_table(sub, suite, at)
             p = plot_params(sub, suite, plots)
             if p:
                 lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
