@@ -144,8 +144,8 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
             if left_out:
                 lines += [f"Left out of the average: {', '.join(left_out)} (not every method ran it yet).", ""]
             elif len(complete) < len(methods):
-                lines += ["Only methods that ran every task: "
-                          + ", ".join(LABELS.get(m, m) for m in methods if m not in complete) + " left out.", ""]
+                lines += ["Only the methods that ran every task are averaged; left out: "
+                          + ", ".join(LABELS.get(m, m) for m in methods if m not in complete) + ".", ""]
             lines += [f"| method | average test × 100 | trainable params (with the {avg_tasks[0]} head) |",
                       "|---|---|---|"]
             for m in complete:
