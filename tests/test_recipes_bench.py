@@ -469,3 +469,31 @@ def test_a_bench_beside_another_bench_gives_its_runs_one_thread(tmp_path):
         chosen = commands(threads=2)  # an explicit choice stands
         assert len(chosen) == 3 and all(line.endswith("--threads 2") for line in chosen[1:])
     assert bench.runs_training_under(results) == []  # released: an idle lock file is not a run
+
+
+def _diag_run(suite: str, method: str, seed: int, steps: int, lr: float) -> dict:
+    layers = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    strengths = {f"{n}.{kind}": 0.1 * (i + 1) for i, n in enumerate(layers) for kind in ("sigma", "bias")}
+    return {"_suite": suite, "task": "movie", "model": "minilm", "method": method, "seed": seed, "lr": lr,
+            "steps": steps, "training_strengths": strengths, "delta_spectra": {layers[0]: [3.0, 2.0, 1.0]}}
+
+
+def test_diagnostic_plots_name_the_suite_seed_rate_and_steps_they_were_drawn_from(tmp_path):
+    from vectorfit_recipes.report_plots import plot_spectra, plot_strengths
+
+    short = [_diag_run("main", m, 0, 64, lr) for m, lr in (("vectorfit", 1e-2), ("no_avf", 1e-2), ("full", 1e-4))]
+    # the curve suite is preferred; its full fine-tuning run has only seed 1, VectorFit seeds 1 and 2
+    long = [_diag_run("curves", "vectorfit", s, 2048, 1e-3) for s in (2, 1)] + [
+        _diag_run("curves", "no_avf", 2, 2048, 1e-3), _diag_run("curves", "full", 1, 2048, 1e-4)]
+    path, caption = plot_strengths(short + long, tmp_path)
+    assert path.exists()
+    assert caption == ("Drawn from suite `curves`, task movie, each run at the end of its training "
+                       "(VectorFit: seed 2, lr 0.001, 2,048 steps; VectorFit (no AVF): seed 2, lr 0.001, 2,048 steps).")
+    path, caption = plot_spectra(short + long, tmp_path)
+    assert path.exists()
+    assert caption == ("Drawn from suite `curves`, task movie, each run at the end of its training "
+                       "(VectorFit: seed 1, lr 0.001, 2,048 steps; Full FT: seed 1, lr 0.0001, 2,048 steps).")
+    # without the curve suite both fall back to the short-budget runs, and say so
+    assert plot_strengths(short, tmp_path)[1].startswith("Drawn from suite `main`")
+    assert "VectorFit: seed 0, lr 0.01, 64 steps" in plot_spectra(short, tmp_path)[1]
+    assert plot_spectra(short[:2], tmp_path) is None  # no full fine-tuning run: no spectra plot

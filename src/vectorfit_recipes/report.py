@@ -444,9 +444,10 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     from .report_nlg import nlg_section
 
     lines += nlg_section(results, results_dir.parent / "nlg" / "floor.json")  # both generation suites, once
-    for p, title in ((plot_strengths(results, plots), "Training strength per vector"),
-                     (plot_spectra(results, plots), "Spectrum of ΔW")):
-        if p:
-            lines += [f"## {title}", "", f"![{title}]({p.relative_to(out_md.parent)})", ""]
+    for drawn, title in ((plot_strengths(results, plots), "Training strength per vector"),
+                         (plot_spectra(results, plots), "Spectrum of ΔW")):
+        if drawn:
+            p, source = drawn
+            lines += [f"## {title}", "", source, "", f"![{title}]({p.relative_to(out_md.parent)})", ""]
     out_md.write_text("\n".join(lines) + "\n")
     return out_md

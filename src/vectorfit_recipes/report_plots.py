@@ -84,14 +84,25 @@ def _suites_by_preference(results: list[dict]) -> list[str]:
     return [s for s in DIAGNOSTIC_SUITES if s in present] + sorted(present - set(DIAGNOSTIC_SUITES))
 
 
-def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -> Optional[Path]:
-    """Heat-maps of the final training strength per vector, with and without AVF (one seed)."""
+def _source(suite: str, runs: list[dict]) -> str:
+    """One sentence naming the runs a diagnostic plot was drawn from: suite, task, seed, rate, steps."""
+    each = "; ".join(f"{LABELS.get(r['method'], r['method'])}: seed {r['seed']}, lr {r['lr']:g}, {r['steps']:,} steps"
+                     for r in runs)
+    return f"Drawn from suite `{suite}`, task {runs[0]['task']}, each run at the end of its training ({each})."
+
+
+def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -> Optional[tuple[Path, str]]:
+    """Heat-maps of the final training strength per vector, with and without AVF (one seed).
+
+    Returns:
+        The plot's path and a sentence naming the runs drawn, or ``None`` when no suite has such a pair.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pick = {}
+    pick, suite = {}, ""
     for suite in _suites_by_preference(results):  # both panels from one suite (same budget and head)
         pick = {}
         runs = [r for r in results if r["_suite"] == suite and r["method"] in ("vectorfit", "no_avf")
@@ -129,17 +140,21 @@ def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -
     path = out / "training_strength_heatmap.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path
+    return path, _source(suite, [pick["vectorfit"], pick["no_avf"]])
 
 
-def plot_spectra(results: list[dict], out: Path) -> Optional[Path]:
-    """Singular values of dW for the layers both VectorFit and full fine-tuning recorded."""
+def plot_spectra(results: list[dict], out: Path) -> Optional[tuple[Path, str]]:
+    """Singular values of dW for the layers both VectorFit and full fine-tuning recorded.
+
+    Returns:
+        The plot's path and a sentence naming the runs drawn, or ``None`` when no suite has both.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pick, tasks = {}, []
+    pick, tasks, suite = {}, [], ""
     for suite in _suites_by_preference(results):  # VectorFit and full fine-tuning from one suite
         pick = {}
         for r in sorted((r for r in results if r["_suite"] == suite), key=lambda r: r["seed"]):
@@ -171,4 +186,4 @@ def plot_spectra(results: list[dict], out: Path) -> Optional[Path]:
     path = out / "delta_w_spectra.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path
+    return path, _source(suite, [pick[(task, "vectorfit")], pick[(task, "full")]])
