@@ -225,6 +225,22 @@ def test_task_average_covers_the_tasks_every_method_ran_and_names_the_rest():
     assert "| LoRA r=1 | 86.67 ± 1.41 (n=2) | 10 |" in table and "| VectorFit | " not in table.split("Average over")[1]
 
 
+def test_task_average_counts_on_each_task_only_the_seeds_every_method_ran():
+    vals = {("vectorfit", "movie"): (0.80, 0.82), ("vectorfit", "tweets"): (0.70,),
+            ("lora_r1", "movie"): (0.84, 0.86), ("lora_r1", "tweets"): (0.76, 0.60)}  # LoRA's tweets seed 1: extra
+    results = [_fake_result(m, t, seed, v) for (m, t), vs in vals.items() for seed, v in enumerate(vs)]
+    table = "\n".join(report._suite_tables(report.aggregate(results), "main"))
+    assert "Each task counts the seeds every method ran on it: tweets: seed 0." in table
+    # LoRA r=1: movie (0.84 + 0.86) / 2 = 0.85, tweets seed 0 only 0.76 -> 80.50 (with seed 1: 76.50);
+    # only seed 0 ran both tasks, so one per-seed average and no spread
+    assert "| LoRA r=1 | 80.50 (n=1) | 10 |" in table
+    assert "| VectorFit | 75.50 (n=1) | 10 |" in table
+    # disjoint seeds on a task: it has no seed in common, so it is left out like a task not run
+    disjoint = results + [_fake_result(m, "bbc", s, 0.9) for m, s in (("vectorfit", 0), ("lora_r1", 1))]
+    table = "\n".join(report._suite_tables(report.aggregate(disjoint), "main"))
+    assert "#### Average over 2 tasks (minilm: movie, tweets)" in table and "Left out of the average: bbc" in table
+
+
 def test_one_seed_is_not_shown_with_a_zero_spread():
     assert report._fmt(0.731, 0.0, 1) == "73.10 (n=1)"
     assert report._fmt(0.731, 0.012, 3) == "73.10 ± 1.20"

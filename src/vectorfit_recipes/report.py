@@ -133,12 +133,21 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
         # per-seed task averages. A suite still being filled has tasks only some methods ran: the
         # average then covers the tasks every method ran (so every method has a row), and only if
         # fewer than two such tasks exist does it fall back to all tasks and the methods that ran them.
+        # Each task's mean is over the seeds every averaged method ran on it, so that a method with an
+        # extra seed on one task is not averaged over different draws than the others.
         one = _one_lr(keys)
         methods = sorted({k[3] for k in keys if k[2] == model}, key=_method_key)
-        shared = [t for t in tasks if all((t, model, m) in one for m in methods)]
+
+        def common_seeds(task: str, ms: list[str]) -> set:  # empty when one of ``ms`` did not run ``task``
+            if not all((task, model, m) in one for m in ms):
+                return set()
+            return set.intersection(*({r["seed"] for r in agg[one[(task, model, m)]]["runs"]} for m in ms))
+
+        shared = [t for t in tasks if common_seeds(t, methods)]
         avg_tasks = shared if len(shared) > 1 else tasks
         complete = [m for m in methods if all((t, model, m) in one for t in avg_tasks)]
-        if len(avg_tasks) > 1 and complete:
+        seeds = {t: common_seeds(t, complete) for t in avg_tasks}
+        if len(avg_tasks) > 1 and complete and all(seeds.values()):
             left_out = [t for t in tasks if t not in avg_tasks]
             lines += [f"#### Average over {len(avg_tasks)} tasks ({model}: {', '.join(avg_tasks)})", ""]
             if left_out:
@@ -146,15 +155,22 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
             elif len(complete) < len(methods):
                 lines += ["Only the methods that ran every task are averaged; left out: "
                           + ", ".join(LABELS.get(m, m) for m in methods if m not in complete) + ".", ""]
+            extra = [t for t in avg_tasks if any(len(agg[one[(t, model, m)]]["runs"]) > len(seeds[t]) for m in complete)]
+            if extra:
+                lines += ["Each task counts the seeds every method ran on it: " + "; ".join(
+                    f"{t}: seed{'s' if len(seeds[t]) > 1 else ''} {', '.join(map(str, sorted(seeds[t])))}"
+                    for t in extra) + ".", ""]
             lines += [f"| method | average test × 100 | trainable params (with the {avg_tasks[0]} head) |",
                       "|---|---|---|"]
             for m in complete:
-                per_seed = defaultdict(list)
+                per_seed, per_task = defaultdict(list), []
                 for t in avg_tasks:
-                    for r in agg[one[(t, model, m)]]["runs"]:
+                    counted = [r for r in agg[one[(t, model, m)]]["runs"] if r["seed"] in seeds[t]]
+                    per_task.append(statistics.fmean(r["test"] for r in counted))
+                    for r in counted:
                         per_seed[r["seed"]].append(r["test"])
                 full = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(avg_tasks)]
-                mean = statistics.fmean(agg[one[(t, model, m)]]["test"][0] for t in avg_tasks)
+                mean = statistics.fmean(per_task)
                 std = statistics.stdev(full) if len(full) > 1 else 0.0
                 trainable = agg[one[(avg_tasks[0], model, m)]]["trainable"]
                 lines.append(f"| {LABELS.get(m, m)} | {_fmt(mean, std, len(full))} | "
