@@ -239,6 +239,9 @@ def test_task_average_counts_on_each_task_only_the_seeds_every_method_ran():
     disjoint = results + [_fake_result(m, "bbc", s, 0.9) for m, s in (("vectorfit", 0), ("lora_r1", 1))]
     table = "\n".join(report._suite_tables(report.aggregate(disjoint), "main"))
     assert "#### Average over 2 tasks (minilm: movie, tweets)" in table and "Left out of the average: bbc" in table
+    # no method ran two tasks: no average at all (and no error)
+    apart = [_fake_result("vectorfit", "movie", 0, 0.8), _fake_result("lora_r1", "tweets", 0, 0.7)]
+    assert "Average over" not in "\n".join(report._suite_tables(report.aggregate(apart), "main"))
 
 
 def test_one_seed_is_not_shown_with_a_zero_spread():

@@ -561,3 +561,47 @@ def test_a_rate_check_read_at_one_step_chooses_by_the_mean_validation_there(tmp_
     # full fine-tuning's rates share one seed of two: no choice yet, so it is paired at the rate listed
     # first, 1e-4: (0.78 - 0.90, 0.75 - 0.88) -> -12.50 ± 0.71 (at 5e-5 it would be -17.00 on one seed)
     assert "| Full FT | -12.50 ± 0.71 (0/2) |" in section
+
+
+def test_a_suite_read_at_one_step_can_show_its_curves_cut_at_that_step(tmp_path, monkeypatch):
+    """``converged-ablation``'s variants run in no curve suite: with ``"curves_in_report"`` the report
+    tabulates their curves up to the step the suite reads at. A run that went past the step is cut
+    there and counts as finished; one that has not reached it is marked as still going. Paired
+    differences by checkpoint are checked against by-hand values."""
+    from vectorfit_recipes import report
+
+    spec = {"tasks": ["movie"], "models": ["minilm"], "methods": ["vectorfit", "sigma"], "seeds": [0, 1],
+            "lrs": {"vectorfit": [0.001], "sigma": [0.001]}, "read_at_step": 2, "curves_in_report": True,
+            "settings": {"max_steps": 4, "eval_steps": "1,2,4", "pooling": "mean"}}
+    monkeypatch.setattr(bench, "suites", lambda: {"converged-ablation": spec})
+    runs = {(r.method, r.seed): r for r in bench.runs_of("converged-ablation")}
+    points = {("vectorfit", 0): [(1, 0.70), (2, 0.80), (4, 0.99)], ("vectorfit", 1): [(1, 0.60), (2, 0.76)],
+              ("sigma", 0): [(1, 0.65), (2, 0.74)], ("sigma", 1): [(1, 0.61), (2, 0.70), (4, 0.10)]}
+    for (method, seed), pts in points.items():
+        path = runs[(method, seed)].path(tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        going = seed == 1 and method == "vectorfit"  # at step 2 of 4 and still training: a .partial
+        curve = [{"step": s, "validation": v, "test": v, "train_seconds": float(s)} for s, v in pts]
+        body = {"task": "movie", "model": "minilm", "method": method, "seed": seed, "lr": 0.001, "metric": "accuracy",
+                "curve": curve, "config": {"pooling": "mean"}, "trainable_params": 5, "total_params": 10}
+        if going:
+            Path(f"{path}.partial").write_text(json.dumps({**body, "partial": True}))
+        else:
+            path.write_text(json.dumps({**body, "test": pts[-1][1], "validation": pts[-1][1], "steps": pts[-1][0],
+                                        "train_seconds": 4.0}))
+    section = report.write_report(tmp_path, tmp_path / "R.md").read_text().split("## Suite `converged-ablation`")[1]
+    assert "The same runs at each checkpoint up to step 2:" in section
+    curves = section.split("The same runs at each checkpoint up to step 2:")[1]
+    assert "| method | lr | seeds | 1 | 2 | 99% of own best at |" in curves  # cut at 2: no step-4 column
+    assert "unfinished" not in curves  # every run reached step 2
+    # VectorFit minus Σ by seed: step 1 (0.70-0.65, 0.60-0.61) = (+5, -1) -> +2.00 ± 4.24 (1/2);
+    # step 2 (0.80-0.74, 0.76-0.70) = (+6, +6) -> +6.00 ± 0.00 (2/2)
+    row = next(ln for ln in curves.splitlines() if ln.startswith("| VectorFit(Σ) | 0.001 − 0.001 |"))
+    assert "+2.00 ± 4.24 (1/2)" in row and "+6.00 ± 0.00 (2/2)" in row
+    # Σ's step-2 test mean over both seeds: (0.74 + 0.70) / 2 = 72.00, not its step-4 value
+    assert any(ln.startswith("| VectorFit(Σ) | 0.001 | 2 |") and "72.00 ± 2.83" in ln for ln in curves.splitlines())
+    # a run still short of the step keeps its mark of a run going on; other suites' runs are dropped
+    from vectorfit_recipes.report_curves import cut_at
+
+    short = {"_suite": "converged-ablation", "_partial": True, "curve": [{"step": 1, "validation": 0.5, "test": 0.5}]}
+    assert [r["_partial"] for r in cut_at([short, {**short, "_suite": "curves"}], "converged-ablation", 2)] == [True]

@@ -139,7 +139,7 @@ def _suite_tables(agg: dict, suite: str) -> list[str]:
         methods = sorted({k[3] for k in keys if k[2] == model}, key=_method_key)
 
         def common_seeds(task: str, ms: list[str]) -> set:  # empty when one of ``ms`` did not run ``task``
-            if not all((task, model, m) in one for m in ms):
+            if not ms or not all((task, model, m) in one for m in ms):
                 return set()
             return set.intersection(*({r["seed"] for r in agg[one[(task, model, m)]]["runs"]} for m in ms))
 
@@ -370,7 +370,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     agg = aggregate(results)
     plots = out_md.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    from .report_curves import curve_tables, load_partials, plot_curves, read_at
+    from .report_curves import curve_tables, cut_at, load_partials, plot_curves, read_at
     from .report_plots import plot_params, plot_spectra, plot_strengths
 
     # "converged" first: the table at a budget where the methods have converged is the headline
@@ -434,6 +434,9 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
             p = plot_params(sub, suite, plots)
             if p:
                 lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
+            if spec.get("curves_in_report"):  # runs no curve suite shows: their curves up to the step, here
+                lines += [f"The same runs at each checkpoint up to step {at}:", ""]
+                lines += curve_tables(cut_at(with_partial, suite, at), suite)
             continue
         curves = curve_tables(with_partial, suite, source)
         if curves:  # a learning-curve suite: tables per budget and plots instead of one final number

@@ -95,6 +95,20 @@ def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
     return out
 
 
+def cut_at(results: list[dict], suite: str, step: int) -> list[dict]:
+    """The runs of ``suite`` with their learning curves cut at ``step``: the curves of a suite read at one step.
+
+    A run whose curve reaches ``step`` counts as finished there (it is the run that would have stopped
+    there); one that has not yet keeps its mark of a run still going. Runs without a curve are dropped.
+    """
+    out = []
+    for r in results:
+        curve = [p for p in r.get("curve") or [] if p["step"] <= step] if r["_suite"] == suite else []
+        if curve:
+            out.append({**r, "curve": curve, "_partial": bool(r.get("_partial")) and curve[-1]["step"] < step})
+    return out
+
+
 def method_label(r: dict) -> str:
     """The method's key, with the recipe options that differ from the paper's form appended
     (``vectorfit+relative``, ``vectorfit+bias_lr×0.1``), so option runs are not pooled together."""
