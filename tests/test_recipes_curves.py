@@ -591,6 +591,8 @@ def test_a_suite_read_at_one_step_can_show_its_curves_cut_at_that_step(tmp_path,
                                         "train_seconds": 4.0}))
     section = report.write_report(tmp_path, tmp_path / "R.md").read_text().split("## Suite `converged-ablation`")[1]
     assert "The same runs at each checkpoint up to step 2:" in section
+    assert "![test learning curves](plots/converged-ablation_curves_test.png)" in section
+    assert (tmp_path / "plots" / "converged-ablation_curves_test.png").stat().st_size > 0
     curves = section.split("The same runs at each checkpoint up to step 2:")[1]
     assert "| method | lr | seeds | 1 | 2 | 99% of own best at |" in curves  # cut at 2: no step-4 column
     assert "unfinished" not in curves  # every run reached step 2

@@ -435,8 +435,11 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
             if p:
                 lines += [f"![metric vs parameters]({p.relative_to(out_md.parent)})", ""]
             if spec.get("curves_in_report"):  # runs no curve suite shows: their curves up to the step, here
-                lines += [f"The same runs at each checkpoint up to step {at}:", ""]
-                lines += curve_tables(cut_at(with_partial, suite, at), suite)
+                cut = cut_at(with_partial, suite, at)
+                lines += [f"The same runs at each checkpoint up to step {at}:", ""] + curve_tables(cut, suite)
+                p = plot_curves(cut, suite, plots, "test")
+                if p:
+                    lines += [f"![test learning curves]({p.relative_to(out_md.parent)})", ""]
             continue
         curves = curve_tables(with_partial, suite, source)
         if curves:  # a learning-curve suite: tables per budget and plots instead of one final number
