@@ -607,3 +607,40 @@ def test_a_suite_read_at_one_step_can_show_its_curves_cut_at_that_step(tmp_path,
 
     short = {"_suite": "converged-ablation", "_partial": True, "curve": [{"step": 1, "validation": 0.5, "test": 0.5}]}
     assert [r["_partial"] for r in cut_at([short, {**short, "_suite": "curves"}], "converged-ablation", 2)] == [True]
+
+
+def test_diagnostic_plots_read_a_converged_suite_at_its_step(tmp_path, monkeypatch):
+    """The heat-map and spectra prefer the converged suite (issue 14 part 4), each run as it stood at
+    the suite's step: strengths from the curve point there, ΔW spectra only from a run that ended
+    there. Seed 0's no-AVF run records strengths at its end (step 4) but not at step 2, so the pair is
+    seed 1's; full fine-tuning's spectra exist only at step 4, so the spectra fall back to `curves`."""
+    from vectorfit_recipes import report
+
+    settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
+    curves = {"tasks": ["movie"], "models": ["minilm"], "methods": ["no_avf", "full", "vectorfit"], "seeds": [0, 1],
+              "lrs": {"no_avf": [0.001], "full": [1e-4], "vectorfit": [0.001]}, "settings": settings}
+    converged = {**curves, "read_at_step": 2, "method_settings": {"vectorfit": {"max_steps": 2, "eval_steps": "2"}}}
+    monkeypatch.setattr(bench, "suites", lambda: {"curves": curves, "converged": converged})
+    layer = "bert.encoder.layer.0.attention.self.query"
+    ends = {f"{layer}.sigma": 0.2, f"{layer}.bias": 0.1}
+    runs = set(bench.runs_of("curves")) | set(bench.runs_of("converged"))
+    for r in runs:
+        steps = dict(r.settings)["max_steps"]
+        point2 = {"step": 2, "validation": 0.7, "test": 0.7}
+        if r.method == "no_avf" and r.seed == 1:
+            point2["training_strengths"] = ends
+        curve = [point2] + ([{"step": 4, "validation": 0.8, "test": 0.8}] if steps == 4 else [])
+        path = r.path(tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "task": "movie", "model": "minilm", "method": r.method, "seed": r.seed, "lr": r.lr, "metric": "accuracy",
+            "curve": curve, "config": {"pooling": "mean", **dict(r.settings)}, "test": 0.8, "validation": 0.8,
+            "steps": steps, "train_seconds": 1.0, "trainable_params": 5, "total_params": 10,
+            "training_strengths": ends, "delta_spectra": {layer: [3.0, 2.0, 1.0]}}))
+    text = report.write_report(tmp_path, tmp_path / "R.md").read_text()
+    heat = text.split("## Training strength per vector")[1].split("##")[0]
+    assert ("Drawn from suite `converged`, task movie, each run as it stood at step 2 "
+            "(VectorFit: seed 1, lr 0.001; VectorFit (no AVF): seed 1, lr 0.001).") in heat
+    spectra = text.split("## Spectrum of ΔW")[1]
+    assert "Drawn from suite `curves`, task movie, each run at the end of its training" in spectra
+    assert "Full FT: seed 0, lr 0.0001, 4 steps" in spectra

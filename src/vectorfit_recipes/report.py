@@ -466,8 +466,16 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     from .report_nlg import nlg_section
 
     lines += nlg_section(results, results_dir.parent / "nlg" / "floor.json")  # both generation suites, once
-    for drawn, title in ((plot_strengths(results, plots), "Training strength per vector"),
-                         (plot_spectra(results, plots), "Spectrum of ΔW")):
+    # the diagnostic plots see a suite read at one step as its tables do: each run at that step
+    # (strengths from the curve point there; ΔW spectra only from runs that ended there)
+    diag = [r for r in results if known.get(r["_suite"], {}).get("read_at_step") is None]
+    for name in sorted({r["_suite"] for r in results} | set(partials)):
+        at = known.get(name, {}).get("read_at_step")
+        if at is not None:
+            unfinished = partials[name] if name in partials else load_partials(results_dir, name)
+            diag += read_at(results + unfinished, name, int(at))
+    for drawn, title in ((plot_strengths(diag, plots), "Training strength per vector"),
+                         (plot_spectra(diag, plots), "Spectrum of ΔW")):
         if drawn:
             p, source = drawn
             lines += [f"## {title}", "", source, "", f"![{title}]({p.relative_to(out_md.parent)})", ""]

@@ -66,7 +66,7 @@ def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
     older ``.partial`` lacks are taken from a finished run of the same task, model and method.
 
     Returns:
-        Result dicts in the shape ``report.aggregate`` takes, tagged ``_suite``.
+        Result dicts in the shape ``report.aggregate`` takes, tagged ``_suite`` and ``_read_at``.
     """
     from .bench import curve_point
 
@@ -83,7 +83,7 @@ def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
         # a curve point from before points were timed has no time: the run's own is its time to the
         # end, which is this step's only if the run ended here
         ended_here = not r.get("_partial") and r.get("steps") == step
-        at = {**r, "test": p["test"], "validation": p["validation"], "steps": step,
+        at = {**r, "test": p["test"], "validation": p["validation"], "steps": step, "_read_at": step,
               "train_seconds": p.get("train_seconds", r.get("train_seconds") if ended_here else None),
               "trainable_params": trainable, "total_params": total}
         if not ended_here:

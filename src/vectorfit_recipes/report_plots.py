@@ -75,8 +75,9 @@ def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
     return path
 
 
-#: Which suite the diagnostic plots (heat-map, spectra) are drawn from, first that has the runs.
-DIAGNOSTIC_SUITES = ("curves", "curves-rates", "main", "ablation")
+#: Which suite the diagnostic plots (heat-map, spectra) are drawn from, first that has the runs:
+#: the converged suite read at its budget (the issue's headline runs), then the longest curves.
+DIAGNOSTIC_SUITES = ("converged", "curves", "curves-rates", "main", "ablation")
 
 
 def _suites_by_preference(results: list[dict]) -> list[str]:
@@ -85,7 +86,15 @@ def _suites_by_preference(results: list[dict]) -> list[str]:
 
 
 def _source(suite: str, runs: list[dict]) -> str:
-    """One sentence naming the runs a diagnostic plot was drawn from: suite, task, seed, rate, steps."""
+    """One sentence naming the runs a diagnostic plot was drawn from: suite, task, seed, rate, steps.
+
+    Runs read at one step of a longer curve (``_read_at``, from ``report_curves.read_at``) say so:
+    their values are the curve point's there, not the end of their training.
+    """
+    at = runs[0].get("_read_at")
+    if at is not None:
+        each = "; ".join(f"{LABELS.get(r['method'], r['method'])}: seed {r['seed']}, lr {r['lr']:g}" for r in runs)
+        return f"Drawn from suite `{suite}`, task {runs[0]['task']}, each run as it stood at step {at:,} ({each})."
     each = "; ".join(f"{LABELS.get(r['method'], r['method'])}: seed {r['seed']}, lr {r['lr']:g}, {r['steps']:,} steps"
                      for r in runs)
     return f"Drawn from suite `{suite}`, task {runs[0]['task']}, each run at the end of its training ({each})."
