@@ -218,6 +218,30 @@ def test_a_stopped_and_resumed_run_gives_the_uninterrupted_numbers(method, stop,
         assert 0 < seconds[0] and all(a < b for a, b in zip(seconds, seconds[1:])), (key, seconds)
 
 
+def test_a_run_stopped_at_a_curve_point_records_there_the_spectra_a_run_ending_there_records(tmp_path):
+    """A run stopped at step 2 (``--stop-at-step``, as the converged suite stops curve runs) records
+    at that curve point the ΔW spectra a run of 2 steps records at its end, so a table read at step
+    2 has them; resumed to its end, the point keeps them and the end has its own. No other point
+    records spectra (they are ~1.5k numbers each)."""
+    out = tmp_path / "r.json"
+    cfg = TrainConfig(method="no_avf", max_steps=4, eval_steps="1,2,4", output=str(out), **TINY)
+    run(dataclasses.replace(cfg, stop_at_step=2), log=_quiet)
+    partial = json.loads(Path(f"{out}.partial").read_text())
+    short = run(dataclasses.replace(cfg, max_steps=2, eval_steps=None, output=None), log=_quiet)
+    at2 = partial["curve"][1]["delta_spectra"]
+    assert set(at2) == set(short["delta_spectra"]) and len(at2) == 4  # first and last block, attention and MLP
+    for name, spec in short["delta_spectra"].items():
+        assert at2[name] == pytest.approx(spec, rel=1e-5, abs=1e-7), name
+    assert "delta_spectra" not in partial["curve"][0]
+    done = run(cfg, log=_quiet)
+    assert done["curve"][1]["delta_spectra"] == at2 and "delta_spectra" not in done["curve"][2]
+    assert done["delta_spectra"][next(iter(at2))] != at2[next(iter(at2))]  # two more steps moved ΔW
+    from vectorfit_recipes.report_curves import read_at
+
+    (row,) = read_at([{**partial, "_suite": "converged", "_partial": True}], "converged", 2)
+    assert row["delta_spectra"] == at2
+
+
 def test_training_cpu_seconds_are_one_thread_s_share_of_the_wall_clock_and_survive_an_old_checkpoint(tmp_path):
     """A one-thread run's CPU seconds cannot exceed its wall seconds (one thread computes at most
     one second per second), and they are not zero. A checkpoint saved before the CPU field existed

@@ -59,8 +59,9 @@ def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
 
     A constant-rate run is, at each checkpoint, the run that would have stopped there, so a table at
     one budget can be read off learning curves, finished or still going. Each run's ``test``,
-    ``validation``, ``train_seconds`` and (where the point has them) ``training_strengths`` become
-    its curve point's at ``step``; a run whose curve has not reached ``step`` is left out. What a
+    ``validation``, ``train_seconds`` and (where the point has them) ``training_strengths`` and
+    ``delta_spectra`` (recorded where a run stopped) become its curve point's at ``step``; a run
+    whose curve has not reached ``step`` is left out. What a
     run measured only at its end (training strengths before curve points recorded them, ΔW spectra,
     peak memory, adapter size) is dropped unless it ended at ``step``. Parameter counts an
     older ``.partial`` lacks are taken from a finished run of the same task, model and method.
@@ -89,8 +90,9 @@ def read_at(results: list[dict], suite: str, step: int) -> list[dict]:
         if not ended_here:
             for k in ("training_strengths", "delta_spectra", "peak_rss_mb", "adapter_bytes", "avf"):
                 at.pop(k, None)
-        if p.get("training_strengths"):
-            at["training_strengths"] = p["training_strengths"]
+        for k in ("training_strengths", "delta_spectra"):  # recorded at the point itself: the step's own
+            if p.get(k):
+                at[k] = p[k]
         out.append(at)
     return out
 
