@@ -77,7 +77,7 @@ def test_the_rates_checked_at_1024_steps_are_the_ones_the_realistic_suites_run()
     those seeds, and converged (and curves, for the methods curves runs) run that rate."""
     table, suites = methods.method_table(), bench.suites()
     checked = {m: t["at_1024_steps"] for m, t in table.items() if "at_1024_steps" in t}
-    assert {"vectorfit", "lora_r1", "lora_r8"} <= set(checked)
+    assert {"vectorfit", "lora_r1", "lora_r8", "full"} <= set(checked)
     rates = suites["converged-rates"]
     for m, c in checked.items():
         means = {float(lr): v for lr, v in c["mean_validation"].items()}
@@ -85,7 +85,8 @@ def test_the_rates_checked_at_1024_steps_are_the_ones_the_realistic_suites_run()
         assert set(means) <= set(rates["lrs"][m]) and set(c["seeds"]) <= set(rates["seeds"]), m
         assert suites["converged"]["lrs"][m] == [c["lr"]], m
         if m in suites["curves"]["lrs"] and m != "vectorfit":  # curves runs VectorFit at two rates
-            assert suites["curves"]["lrs"][m] == [c["lr"]], m
+            # curves keeps its own choice (2,048 steps, seed 0) only where the record says so
+            assert suites["curves"]["lrs"][m] == [c.get("curves_lr", c["lr"])], m
     assert suites["converged"]["lrs"]["no_avf"] == [checked["vectorfit"]["lr"]]  # one rate for the variants
 
 
@@ -100,11 +101,15 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     assert {(r.method) for r in shared} == {"vectorfit", "no_avf"}
     assert len({r.path(Path("x")) for r in bench.runs_of("main")}) == len(bench.runs_of("main"))
     # converged: only VectorFit, whose AVF schedule depends on the budget, has 1,024-step runs of its
-    # own; every other run (no-AVF included: constant rate, no schedule) is a curves run read at 1,024
+    # own; every other run (no-AVF included: constant rate, no schedule) is a curves-length run read
+    # at 1,024: curves' own, or, for full fine-tuning, whose 3-seed check at 1,024 steps chose another
+    # rate than curves runs, the rate check's runs on movie and runs with curves' settings elsewhere
     conv, conv_abl = set(bench.runs_of("converged")), bench.runs_of("converged-ablation")
     curves = set(bench.runs_of("curves"))
     own = {r for r in conv if r not in curves}
-    assert {r.method for r in own if r.task != "movie-score"} == {"vectorfit"}
+    assert {r.method for r in own if r.task != "movie-score"} == {"vectorfit", "full"}
+    assert {r for r in conv if r.method == "full" and r.task == "movie"} <= set(bench.runs_of("converged-rates"))
+    assert {dict(r.settings)["max_steps"] for r in conv if r.method == "full"} == {2048}
     assert {dict(r.settings)["max_steps"] for r in conv if r.method == "vectorfit"} == {1024}
     assert {r for r in conv if r.method == "no_avf" and r.task != "movie-score"} <= curves
     # the converged ablation shares VectorFit's and no-AVF's runs with converged (each pair trained
