@@ -77,7 +77,7 @@ def test_the_rates_checked_at_1024_steps_are_the_ones_the_realistic_suites_run()
     those seeds, and converged (and curves, for the methods curves runs) run that rate."""
     table, suites = methods.method_table(), bench.suites()
     checked = {m: t["at_1024_steps"] for m, t in table.items() if "at_1024_steps" in t}
-    assert {"vectorfit", "lora_r1", "lora_r8", "full"} <= set(checked)
+    assert {"vectorfit", "lora_r1", "lora_r8", "full", "bitfit"} <= set(checked)
     rates = suites["converged-rates"]
     for m, c in checked.items():
         means = {float(lr): v for lr, v in c["mean_validation"].items()}
