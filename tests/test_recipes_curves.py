@@ -635,8 +635,8 @@ def test_a_suite_read_at_one_step_can_show_its_curves_cut_at_that_step(tmp_path,
 
 def test_diagnostic_plots_read_a_converged_suite_at_its_step(tmp_path, monkeypatch):
     """The heat-map and spectra prefer the converged suite (issue 14 part 4), each run as it stood at
-    the suite's step: strengths from the curve point there, ΔW spectra only from a run that ended
-    there. Seed 0's no-AVF run records strengths at its end (step 4) but not at step 2, so the pair is
+    the suite's step: strengths from the curve point there, ΔW spectra from a run that ended there
+    or recorded them at that point (none here). Seed 0's no-AVF run records strengths at its end (step 4) but not at step 2, so the pair is
     seed 1's; full fine-tuning's spectra exist only at step 4, so the spectra fall back to `curves`."""
     from vectorfit_recipes import report
 

@@ -467,7 +467,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
 
     lines += nlg_section(results, results_dir.parent / "nlg" / "floor.json")  # both generation suites, once
     # the diagnostic plots see a suite read at one step as its tables do: each run at that step
-    # (strengths from the curve point there; ΔW spectra only from runs that ended there)
+    # (strengths from the curve point there; ΔW spectra from runs that ended or stopped there)
     diag = [r for r in results if known.get(r["_suite"], {}).get("read_at_step") is None]
     for name in sorted({r["_suite"] for r in results} | set(partials)):
         at = known.get(name, {}).get("read_at_step")

@@ -387,9 +387,10 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
                         # the balance AVF is for, at this step: a table read at a shorter budget than
                         # the run's (converged reads curves at 1,024) has it without a run of its own
                         point["training_strengths"] = run_info.jsonable(model.training_strengths())
-                    if setup.spectra_layers and cfg.stop_at_step == st.step:
+                    if setup.spectra_layers and at_stop():
                         # the ΔW a finished run records at its end, here where this run stops: a
                         # table read at this step (converged) has its spectra though the run goes on
+                        # (a stop at the run's last step is its end, which records them itself)
                         point["delta_spectra"] = run_info.delta_spectra(model, setup.spectra_layers, setup.w_init)
                     st.curve.append(point)
                     tqdm.write(f"[curve] step {st.step}: validation {point['validation']:.4f}, "
