@@ -512,7 +512,9 @@ def test_diagnostic_plots_name_the_suite_seed_rate_and_steps_they_were_drawn_fro
     path, caption = plot_strengths(short + long, tmp_path)
     assert path.exists()
     assert caption == ("Drawn from suite `curves`, task movie, each run at the end of its training "
-                       "(VectorFit: seed 2, lr 0.001, 2,048 steps; VectorFit (no AVF): seed 2, lr 0.001, 2,048 steps).")
+                       "(VectorFit: seed 2, lr 0.001, 2,048 steps; VectorFit (no AVF): seed 2, lr 0.001, 2,048 steps). "
+                       "Coefficient of variation over the vectors that moved (the balance table's measure): "
+                       "0.33 with AVF, 0.33 without.")  # strengths 0.1, 0.1, 0.2, 0.2: std 0.05 / mean 0.15
     path, caption = plot_spectra(short + long, tmp_path)
     assert path.exists()
     assert caption == ("Drawn from suite `curves`, task movie, each run at the end of its training "
@@ -521,3 +523,16 @@ def test_diagnostic_plots_name_the_suite_seed_rate_and_steps_they_were_drawn_fro
     assert plot_strengths(short, tmp_path)[1].startswith("Drawn from suite `main`")
     assert "VectorFit: seed 0, lr 0.01, 64 steps" in plot_spectra(short, tmp_path)[1]
     assert plot_spectra(short[:2], tmp_path) is None  # no full fine-tuning run: no spectra plot
+
+
+def test_the_heatmap_spread_leaves_out_the_key_biases_that_never_move_like_the_balance_table(tmp_path):
+    from vectorfit_recipes.report_plots import plot_strengths
+
+    q, k = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key"
+    avf, plain = _diag_run("converged", "vectorfit", 0, 1024, 1e-3), _diag_run("converged", "no_avf", 0, 1024, 1e-3)
+    avf["training_strengths"] = {f"{q}.sigma": 1.0, f"{q}.bias": 3.0, f"{k}.bias": 0.0}
+    plain["training_strengths"] = {f"{q}.sigma": 2.0, f"{q}.bias": 2.0, f"{k}.bias": 0.0}
+    caption = plot_strengths([avf, plain], tmp_path)[1]
+    # moved vectors 1 and 3: std 1 / mean 2 = 0.50 (with the key bias' 0 it would be 0.94); 2 and 2: 0.00
+    assert caption.endswith("0.50 with AVF, 0.00 without.")
+    assert report.strength_spread(avf["training_strengths"])["cv"] == 0.5

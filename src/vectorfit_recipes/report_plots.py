@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, _method_key, _one_lr
+from .report import LABELS, _method_key, _one_lr, strength_spread
 
 # Short names for vector types in the heat-map (module tail -> label), BERT-like and MPNet names.
 _VECTOR_TYPES = [
@@ -104,7 +104,8 @@ def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -
     """Heat-maps of the final training strength per vector, with and without AVF (one seed).
 
     Returns:
-        The plot's path and a sentence naming the runs drawn, or ``None`` when no suite has such a pair.
+        The plot's path and a caption naming the runs drawn and giving each panel's coefficient of variation
+        (``strength_spread``, as in the balance table), or ``None`` when no suite has such a pair.
     """
     import matplotlib
 
@@ -127,13 +128,14 @@ def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -
     if len(pick) < 2:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cvs = {}
     for ax, method in zip(axes, ("no_avf", "vectorfit")):
         r = pick[method]
-        cells = {}
+        cells, drawn = {}, {}
         for name, v in r["training_strengths"].items():
             lt = _vector_type(name)
             if lt is not None:
-                cells[lt] = v
+                cells[lt], drawn[name] = v, v
         layers = sorted({l for l, _ in cells})
         types = [t for _, s in _VECTOR_TYPES for t in (f"{s}.Σ", f"{s}.b") if any(tt == t for _, tt in cells)]
         grid = [[cells.get((l, t), math.nan) for t in types] for l in layers]
@@ -141,15 +143,19 @@ def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -
         ax.set_xticks(range(len(types)), types, rotation=45, fontsize=8)
         ax.set_yticks(range(len(layers)), [str(l) for l in layers])
         ax.set_ylabel("layer")
-        flat = [x for row in grid for x in row if not math.isnan(x)]
-        cv = statistics.pstdev(flat) / statistics.fmean(flat) if flat and statistics.fmean(flat) > 0 else float("nan")
-        ax.set_title(f"{LABELS[method]} — {r['task']}, seed {r['seed']}\nmean |v0 − v| (coefficient of variation {cv:.2f})", fontsize=9)
+        # the balance table's measure over the drawn vectors: the key biases' column stays in the picture
+        # (always 0: softmax ignores a shift shared by every key) but not in the spread
+        spread = strength_spread(drawn)
+        cvs[method] = spread["cv"] if spread else math.nan
+        ax.set_title(f"{LABELS[method]} — {r['task']}, seed {r['seed']}\nmean |v0 − v| "
+                     f"(coefficient of variation {cvs[method]:.2f})", fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = out / "training_strength_heatmap.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return path, _source(suite, [pick["vectorfit"], pick["no_avf"]])
+    return path, (_source(suite, [pick["vectorfit"], pick["no_avf"]]) + " Coefficient of variation over the vectors that "
+                  f"moved (the balance table's measure): {cvs['vectorfit']:.2f} with AVF, {cvs['no_avf']:.2f} without.")
 
 
 def plot_spectra(results: list[dict], out: Path) -> Optional[tuple[Path, str]]:
