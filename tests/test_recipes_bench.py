@@ -525,7 +525,7 @@ def test_diagnostic_plots_name_the_suite_seed_rate_and_steps_they_were_drawn_fro
     assert plot_spectra(short[:2], tmp_path) is None  # no full fine-tuning run: no spectra plot
 
 
-def test_the_heatmap_spread_leaves_out_the_key_biases_that_never_move_like_the_balance_table(tmp_path):
+def test_the_heatmap_spread_leaves_out_vectors_that_never_moved_like_the_balance_table(tmp_path):
     from vectorfit_recipes.report_plots import plot_strengths
 
     q, k = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key"

@@ -328,9 +328,10 @@ def _pooling_table(agg: dict) -> list[str]:
 def strength_spread(strengths: dict[str, float]) -> Optional[dict[str, float]]:
     """Coefficient of variation (std / mean) and max / mean of the per-vector training strengths.
 
-    Vectors with exactly zero strength are left out: the key biases get no gradient at all (softmax
-    ignores a shift shared by every key), with or without AVF, and would only add the same constant
-    spread to both. ``None`` when fewer than two vectors trained.
+    Vectors with exactly zero strength (never moved) are left out. The key biases' gradient is zero up
+    to float rounding (softmax ignores a shift shared by every key), but Adam's normalisation still
+    moves them a little (about 1-2% of a typical vector's strength in the MiniLM runs), so there they
+    are counted, in this table and the heat-map alike. ``None`` when fewer than two vectors trained.
     """
     xs = [v for v in strengths.values() if v > 0]
     if len(xs) < 2:

@@ -143,8 +143,7 @@ def plot_strengths(results: list[dict], out: Path, task: Optional[str] = None) -
         ax.set_xticks(range(len(types)), types, rotation=45, fontsize=8)
         ax.set_yticks(range(len(layers)), [str(l) for l in layers])
         ax.set_ylabel("layer")
-        # the balance table's measure over the drawn vectors: the key biases' column stays in the picture
-        # (always 0: softmax ignores a shift shared by every key) but not in the spread
+        # the balance table's own measure over the drawn vectors, so that caption and table agree
         spread = strength_spread(drawn)
         cvs[method] = spread["cv"] if spread else math.nan
         ax.set_title(f"{LABELS[method]} — {r['task']}, seed {r['seed']}\nmean |v0 − v| "
