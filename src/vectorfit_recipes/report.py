@@ -330,7 +330,7 @@ def strength_spread(strengths: dict[str, float]) -> Optional[dict[str, float]]:
 
     Vectors with exactly zero strength (never moved) are left out. The key biases' gradient is zero up
     to float rounding (softmax ignores a shift shared by every key), but Adam's normalisation still
-    moves them a little (about 1-2% of a typical vector's strength in the MiniLM runs), so there they
+    moves them a little (at most a few percent of a typical vector's strength in the MiniLM runs), so they
     are counted, in this table and the heat-map alike. ``None`` when fewer than two vectors trained.
     """
     xs = [v for v in strengths.values() if v > 0]
