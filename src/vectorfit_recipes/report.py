@@ -385,6 +385,14 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
 
     known = known_suites()  # read once: every suite's spec below comes from it
     partials = {name: load_partials(results_dir, name) for name in suite_names or order if name in known}
+    read: dict[str, list[dict]] = {}  # suite -> its runs read at its read_at_step (tables and plots share them)
+
+    def runs_read_at(name: str, at: int) -> list[dict]:
+        if name not in read:
+            unfinished = partials[name] if name in partials else load_partials(results_dir, name)
+            read[name] = read_at(results + unfinished, name, at)
+        return read[name]
+
     for name, unfinished in partials.items():
         own = {r["_path"] for r in results if r["_suite"] == name} | {p["_path"] for p in unfinished}
         if own - shown:
@@ -420,7 +428,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                 f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items())
                 for m, st in own_settings.items()) + ".", ""]
         if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
-            sub = aggregate(read_at(with_partial, suite, at))
+            sub = aggregate(runs_read_at(suite, at))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
                       f"is not counted. Training strengths (balance table) are those at step {at}, from runs "
@@ -473,8 +481,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     for name in sorted({r["_suite"] for r in results} | set(partials)):
         at = known.get(name, {}).get("read_at_step")
         if at is not None:
-            unfinished = partials[name] if name in partials else load_partials(results_dir, name)
-            diag += read_at(results + unfinished, name, int(at))
+            diag += runs_read_at(name, int(at))
     for drawn, title in ((plot_strengths(diag, plots), "Training strength per vector"),
                          (plot_spectra(diag, plots), "Spectrum of ΔW")):
         if drawn:
