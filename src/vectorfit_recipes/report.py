@@ -387,10 +387,10 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     partials = {name: load_partials(results_dir, name) for name in suite_names or order if name in known}
     read: dict[str, list[dict]] = {}  # suite -> its runs read at its read_at_step (tables and plots share them)
 
-    def runs_read_at(name: str, at: int) -> list[dict]:
+    def runs_read_at(name: str) -> list[dict]:
         if name not in read:
             unfinished = partials[name] if name in partials else load_partials(results_dir, name)
-            read[name] = read_at(results + unfinished, name, at)
+            read[name] = read_at(results + unfinished, name, int(known[name]["read_at_step"]))
         return read[name]
 
     for name, unfinished in partials.items():
@@ -428,7 +428,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
                 f"{LABELS.get(m, m)}: " + ", ".join(f"{k}={v}" for k, v in st.items())
                 for m, st in own_settings.items()) + ".", ""]
         if at is not None:  # one budget read off the learning curves (finished runs and runs going on alike)
-            sub = aggregate(runs_read_at(suite, at))
+            sub = aggregate(runs_read_at(suite))
             lines += [f"Every run read at step {at} of its learning curve: the runs this suite shares with the "
                       "curve suites are read there, finished or still training; a run that has not reached it yet "
                       f"is not counted. Training strengths (balance table) are those at step {at}, from runs "
@@ -479,9 +479,8 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     # (strengths from the curve point there; ΔW spectra from runs that ended or stopped there)
     diag = [r for r in results if known.get(r["_suite"], {}).get("read_at_step") is None]
     for name in sorted({r["_suite"] for r in results} | set(partials)):
-        at = known.get(name, {}).get("read_at_step")
-        if at is not None:
-            diag += runs_read_at(name, int(at))
+        if known.get(name, {}).get("read_at_step") is not None:
+            diag += runs_read_at(name)
     for drawn, title in ((plot_strengths(diag, plots), "Training strength per vector"),
                          (plot_spectra(diag, plots), "Spectrum of ΔW")):
         if drawn:
