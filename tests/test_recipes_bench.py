@@ -118,6 +118,13 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     assert {r.task for r in conv_abl} == {"movie", "bbc"} and {r.seed for r in conv_abl} == {0, 1, 2}
     assert {r.lr for r in conv_abl} == {0.001}
     assert {dict(r.settings)["max_steps"] for r in conv_abl if r.method != "vectorfit"} == {2048}
+    # movie-score's own rate check: its runs at the rate converged uses are converged's runs (trained
+    # once), so only the second rate of each method is new
+    score = set(bench.runs_of("converged-rates-score"))
+    assert {r.task for r in score} == {"movie-score"} and {r.seed for r in score} == {0, 1, 2}
+    at_conv = {r for r in score if [r.lr] == bench.suites()["converged"]["lrs"][r.method]}
+    assert at_conv and at_conv <= conv
+    assert {(r.method, r.lr) for r in score - conv} == {("vectorfit", 0.003), ("lora_r1", 0.001)}
 
 
 def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_path):

@@ -375,8 +375,8 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
     from .report_plots import plot_params, plot_spectra, plot_strengths
 
     # "converged" first: the table at a budget where the methods have converged is the headline
-    order = ("converged", "converged-ablation", "converged-rates", "curves-rates", "curves", "recipe",
-             "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
+    order = ("converged", "converged-ablation", "converged-rates", "converged-rates-score", "curves-rates", "curves",
+             "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
     suites: list[str] = []
     # A suite whose runs (finished or not) are all runs of a suite shown above is not repeated: the
     # curves and recipe suites start with curves-rates' runs, and would show the same curves again.
