@@ -362,6 +362,17 @@ def test_a_run_being_trained_elsewhere_is_skipped_and_a_second_trainer_refused(t
         {"step": 32, "train_seconds": 10.0}, {"step": 64, "train_seconds": 100.0, "train_cpu_seconds": 50.0},
         {"step": 128, "train_seconds": 228.0, "train_cpu_seconds": 114.0}]}))
     assert bench_status.training_left(out) == pytest.approx(256.0)
+    # no checkpoint beside the curve (a fresh clone: git ignores them): the next invocation trains
+    # from step 0, so all 256 steps are left at 2 s (512 s), and the line says it starts over
+    row = bench_status.status("smoke", results)[0]
+    assert (row["state"], row["step"], row.get("restarts")) == ("stopped", 128, True)
+    assert (row["left_s"], row["cpu_left_s"]) == (pytest.approx(512.0), pytest.approx(256.0))
+    lines = []
+    bench_status.print_status("smoke", results, log=lines.append)
+    assert lines[1].endswith(" step 128   no checkpoint: trains again from step 0, ~9 min of training left")
+    # with its checkpoint (status looks only at whether the file is there) it resumes at step 128
+    checkpoint.checkpoint_path(str(out)).write_bytes(b"")
+    assert not bench_status.status("smoke", results)[0].get("restarts")
     lines = []
     bench_status.print_status("smoke", results, log=lines.append)
     assert "step 128 " in lines[1] and lines[1].endswith(" ~4 min of training left")
@@ -424,6 +435,7 @@ def test_status_adds_up_the_training_left_from_the_paces_like_runs_measured(tmp_
     write(Path(f"{runs['movie', 'lora_r1', 0].path(results)}.partial"), {"partial": True, "total_steps": 2048,
           "config": cfg, "curve": [{"step": 64, "train_seconds": 150.0, "train_cpu_seconds": 100.0},
                                    {"step": 128, "train_seconds": 342.0, "train_cpu_seconds": 196.0}]})
+    Path(f"{runs['movie', 'lora_r1', 0].path(results)}.ckpt").write_bytes(b"")  # it resumes at 128
     # paces that must not be borrowed: a two-thread VectorFit run and a batch of 16 (1,000 s a step)
     for seed, other in ((1, {"threads": 2}), (2, {"batch_size": 16})):
         write(runs["movie", "vectorfit", seed].path(results).with_name(f"x{seed}-00000000.json"),

@@ -36,13 +36,13 @@ def _pace(d: Optional[dict], clock: str = WALL) -> Optional[float]:
         return None
 
 
-def _left(d: Optional[dict], upto: Optional[int] = None, clock: str = WALL) -> Optional[float]:
-    """Training seconds (on ``clock``) from the last curve point to step ``upto`` (default: the
-    run's end)."""
+def _left(d: Optional[dict], upto: Optional[int] = None, clock: str = WALL, from_start: bool = False) -> Optional[float]:
+    """Training seconds (on ``clock``) from the last curve point (``from_start``: from step 0, for a
+    run with no checkpoint to resume from) to step ``upto`` (default: the run's end)."""
     pace = _pace(d, clock)
     try:
         total = int(d["total_steps"])
-        last = _timed(d, clock)[-1]["step"]
+        last = 0 if from_start else _timed(d, clock)[-1]["step"]
     except (KeyError, TypeError, AttributeError, ValueError, IndexError):
         return None
     if pace is None:
@@ -68,14 +68,15 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         One dict per run, in execution order: ``run``, ``state`` (``"done"``, ``"running"``: another
         process holds its lock, ``"stopped"``: a curve or checkpoint is left from an interrupted
         run, ``"not started"``), ``step`` (the last learning-curve step measured, if any),
-        ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given; for a running
-        one, less the time since its ``.partial`` was written or, if later, since its process
-        started), ``pace_s`` (its optimisation seconds a step, see :func:`_pace`, if measured),
+        ``restarts`` (a stopped run with no checkpoint: it trains again from step 0),
+        ``left_s`` (an unfinished run's :func:`training_left`, to ``at_step`` if given, from step 0
+        for one that restarts; for a running one, less the time since its ``.partial`` was
+        written or, if later, since its process started), ``pace_s`` (its optimisation seconds a step, see :func:`_pace`, if measured),
         ``cpu_left_s`` and ``cpu_pace_s`` (the same in CPU seconds, where the run records them; for a
         running one, less that time scaled by its CPU-to-wall share a step) and, when done, ``test``
         and ``validation``.
     """
-    from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path
+    from .checkpoint import RESUME_UNSUPPORTED, checkpoint_path, lock_path, output_busy, partial_path
 
     at = at_step if at_step is not None else read_at_step(name)
     out = []
@@ -115,6 +116,11 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
                         row["left_s"] = row["cpu_left_s"] = None
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"
+                if r.method in RESUME_UNSUPPORTED or not checkpoint_path(str(path)).exists():
+                    # nothing to resume from (a fresh clone lacks the checkpoints git ignores; AdaLoRA
+                    # keeps none): the next invocation trains from step 0, its curve so far redone
+                    row["restarts"] = True
+                    row["left_s"], row["cpu_left_s"] = _left(part, at, from_start=True), _left(part, at, CPU, True)
         out.append(row)
     return out
 
@@ -220,6 +226,8 @@ def print_status(name: str, results: Path, only: Optional[dict] = None, log: Any
                  if row["state"] == "done" and row.get("test") is not None else "")
         if row["left_s"] is not None:
             score = f"~{row['left_s'] / 60:.0f} min of training left"
+        if row.get("restarts"):
+            score = "no checkpoint: trains again from step 0" + (f", {score}" if score else "")
         log(f"  {row['state']:<11} {r.task:<12} {r.shown_method:<{width}} lr {r.lr:<7g} seed {r.seed}  {where:<10} {score}".rstrip())
     at = at_step if at_step is not None else read_at_step(name)
     runs = _one_thread_runs(results)  # read once, for both clocks
