@@ -124,7 +124,8 @@ def test_suites_are_well_formed_and_shared_runs_are_computed_once():
     assert {r.task for r in score} == {"movie-score"} and {r.seed for r in score} == {0, 1, 2}
     at_conv = {r for r in score if [r.lr] == bench.suites()["converged"]["lrs"][r.method]}
     assert at_conv and at_conv <= conv
-    assert {(r.method, r.lr) for r in score - conv} == {("vectorfit", 0.003), ("lora_r1", 0.001)}
+    assert {(r.method, r.lr) for r in score - conv} == {("vectorfit", 0.003), ("vectorfit", 0.01), ("lora_r1", 0.001),
+                                                       ("lora_r1", 0.002)}
 
 
 def test_a_suite_with_options_names_each_run_s_option_outside_its_identity(tmp_path):
