@@ -273,6 +273,16 @@ def test_a_checkpoint_of_other_settings_is_not_used(tmp_path):
         TrainConfig(stop_at_step=3).validate()  # no --output: nowhere to keep the checkpoint
 
 
+def test_the_trainer_and_bench_status_share_one_rule_for_which_runs_resume():
+    """AdaLoRA keeps its importance scores outside the model and optimizer, so it keeps no checkpoint;
+    a run without --output has nowhere to keep one. Everything else resumes from ``X.ckpt``."""
+    from vectorfit_recipes.checkpoint import RESUME_UNSUPPORTED, resume_path
+    assert resume_path("r.json", "vectorfit") == Path("r.json.ckpt")
+    assert resume_path("r.json", "full") == Path("r.json.ckpt")
+    assert [resume_path("r.json", m) for m in RESUME_UNSUPPORTED] == [None] * len(RESUME_UNSUPPORTED)
+    assert "adalora" in RESUME_UNSUPPORTED and resume_path(None, "vectorfit") is None
+
+
 def test_relative_sigma_runs_end_to_end_and_is_saved_with_the_adapter(tmp_path):
     res = run(TrainConfig(method="no_avf", sigma_param="relative", max_steps=2, save_adapter=str(tmp_path / "a"),
                           **TINY), log=_quiet)

@@ -76,7 +76,7 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         running one, less that time scaled by its CPU-to-wall share a step) and, when done, ``test``
         and ``validation``.
     """
-    from .checkpoint import RESUME_UNSUPPORTED, checkpoint_path, lock_path, output_busy, partial_path
+    from .checkpoint import checkpoint_path, lock_path, output_busy, partial_path, resume_path
 
     at = at_step if at_step is not None else read_at_step(name)
     out = []
@@ -116,7 +116,8 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
                         row["left_s"] = row["cpu_left_s"] = None
             elif partial_path(str(path)).exists() or checkpoint_path(str(path)).exists():
                 row["state"] = "stopped"
-                if r.method in RESUME_UNSUPPORTED or not checkpoint_path(str(path)).exists():
+                ckpt = resume_path(str(path), r.method)
+                if ckpt is None or not ckpt.exists():
                     # nothing to resume from (a fresh clone lacks the checkpoints git ignores; AdaLoRA
                     # keeps none): the next invocation trains from step 0, its curve so far redone
                     row["restarts"] = True

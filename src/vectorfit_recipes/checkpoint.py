@@ -19,8 +19,8 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["LoopState", "checkpoint_path", "partial_path", "identity", "save", "load", "RESUME_UNSUPPORTED",
-           "OutputBusy", "output_lock", "output_busy"]
+__all__ = ["LoopState", "checkpoint_path", "partial_path", "resume_path", "identity", "save", "load",
+           "RESUME_UNSUPPORTED", "OutputBusy", "output_lock", "output_busy"]
 
 FORMAT = 1
 
@@ -53,6 +53,18 @@ class LoopState:
 
 def checkpoint_path(output: str) -> Path:
     return Path(f"{output}.ckpt")
+
+
+def resume_path(output: Optional[str], method: str) -> Optional[Path]:
+    """The checkpoint a run of ``method`` with ``--output output`` keeps and resumes from, or None
+    when it keeps none (no output, or a method in :data:`RESUME_UNSUPPORTED`).
+
+    The one place that rule lives: the trainer asks it which file to load and save, and
+    ``bench --status`` asks it whether a stopped run resumes or trains again from step 0.
+    """
+    if not output or method in RESUME_UNSUPPORTED:
+        return None
+    return checkpoint_path(output)
 
 
 def partial_path(output: str) -> Path:

@@ -319,8 +319,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
         groups = params
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt = (ckpt_mod.checkpoint_path(cfg.output) if cfg.output and cfg.method not in ckpt_mod.RESUME_UNSUPPORTED
-            and not dist_mod.launched() else None)
+    ckpt = ckpt_mod.resume_path(cfg.output, cfg.method) if not dist_mod.launched() else None
     st = (ckpt_mod.load(ckpt, cfg, model, optimizer, gen, log) if ckpt is not None else None) or ckpt_mod.LoopState()
     curve_at = [s for s in cfg.curve_steps() if st.step < s <= data.total_steps]
 
