@@ -210,30 +210,13 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
     A run that another process is training now (it holds the run's lock, see
     ``checkpoint.output_lock``) is skipped, so two benches over one results folder share the work.
     """
-    import os
-
-    from tqdm.auto import tqdm
-
     if jobs < 1:
         raise SystemExit(f"vectorfit bench: --jobs must be >= 1, got {jobs}")
-    from .checkpoint import output_busy
-
     if stop_at_step is not None and stop_at_step < 1:
         raise SystemExit(f"vectorfit bench: --stop-at-step must be >= 1, got {stop_at_step}")
     if stop_at_step is None:  # a suite read at one step needs its runs no further
         stop_at_step = read_at_step(name)
-    runs = select(runs_of(name), only, name)
-    todo = [r for r in runs if not r.path(results).exists()]
-    busy = [r for r in todo if output_busy(str(r.path(results)))]
-    # with --stop-at-step N, an unfinished run that has reached step N counts as done for now
-    far = [r for r in todo if stop_at_step is not None and (reached_step(r.path(results)) or 0) >= stop_at_step]
-    todo = [r for r in todo if r not in busy and r not in far]
-    scope = f"{name} ({'; '.join(f'{k} ' + ','.join(map(str, v)) for k, v in only.items())})" if only else name
-    log(f"[bench] suite {scope}: {len(runs) - len(todo) - len(busy)} of {len(runs)} runs already done"
-        + (f" ({len(far)} of them only to step {stop_at_step})" if far else "")
-        + f", {len(todo)} to go; results in {results}")
-    for r in busy:
-        log(f"[bench] skipping {r.label}: another process is training it")
+    todo = _missing(name, results, only, stop_at_step, log)
     if limit is not None:
         todo = todo[:limit]
     if threads is None and jobs > 1:
@@ -250,43 +233,80 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
         for r in todo:
             log("  vectorfit " + " ".join(r.argv(r.path(results)) + extra))
         return 0
+    return _run_processes(name, todo, results, jobs, extra, stop_at_step)
+
+
+def _missing(name: str, results: Path, only: Optional[dict], stop_at_step: Optional[int], log: Any) -> list:
+    """The suite's runs (those ``only`` selects) that have no result yet and that no other process is
+    training; with ``stop_at_step``, also leaving out the unfinished runs that have reached it."""
+    from .checkpoint import output_busy
+
+    runs = select(runs_of(name), only, name)
+    todo = [r for r in runs if not r.path(results).exists()]
+    busy = [r for r in todo if output_busy(str(r.path(results)))]
+    # with --stop-at-step N, an unfinished run that has reached step N counts as done for now
+    far = [r for r in todo if stop_at_step is not None and (reached_step(r.path(results)) or 0) >= stop_at_step]
+    todo = [r for r in todo if r not in busy and r not in far]
+    scope = f"{name} ({'; '.join(f'{k} ' + ','.join(map(str, v)) for k, v in only.items())})" if only else name
+    log(f"[bench] suite {scope}: {len(runs) - len(todo) - len(busy)} of {len(runs)} runs already done"
+        + (f" ({len(far)} of them only to step {stop_at_step})" if far else "")
+        + f", {len(todo)} to go; results in {results}")
+    for r in busy:
+        log(f"[bench] skipping {r.label}: another process is training it")
+    return todo
+
+
+def _outcome(r: Run, returncode: int, results: Path, stop_at_step: Optional[int], seconds: float) -> bool:
+    """Say how a finished run's process ended; True if it failed. Its log is kept only then."""
+    from tqdm.auto import tqdm
+
+    out, log_path = r.path(results), r.path(results).with_suffix(".log")
+    reached = reached_step(out) if stop_at_step is not None and not out.exists() else None
+    if returncode == 0 and reached is not None and reached >= stop_at_step:
+        log_path.unlink()
+        tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: stopped at step "
+                   f"{reached} as asked in {seconds:.0f}s (checkpoint kept)")
+        return False
+    if returncode != 0 or not out.exists():
+        tqdm.write(f"[bench] FAILED ({returncode}) {r}; log: {log_path}")
+        return True
+    log_path.unlink()
+    res = json.loads(out.read_text())
+    tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: test {res['metric']} "
+               f"{res['test']:.4f} (val {res['validation']:.4f}) in {seconds:.0f}s")
+    return False
+
+
+def _run_processes(name: str, todo: list, results: Path, jobs: int, extra: list,
+                   stop_at_step: Optional[int]) -> int:
+    """Train ``todo``, each run as ``vectorfit train`` in its own process, ``jobs`` at a time; the
+    number that failed. A SIGTERM to this process stops its runs too (their .partial curves and
+    checkpoints stay)."""
+    import os
+    import signal
+
+    from tqdm.auto import tqdm
+
+    from .checkpoint import output_busy
+
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
     failed = 0
     running: list[tuple[Run, subprocess.Popen, Any, float]] = []
     bar = tqdm(total=len(todo), desc=f"bench {name}", dynamic_ncols=True)
 
-    def reap(block: bool) -> None:
+    def reap() -> None:
+        """Wait for one of the running processes to end and account for it."""
         nonlocal failed
-        while running:
-            for i, (r, proc, f, t) in enumerate(running):
-                if proc.poll() is not None:
-                    break
-            else:
-                if not block:
-                    return
-                time.sleep(1.0)
-                continue
-            running.pop(i)
-            f.close()
-            out, log_path = r.path(results), r.path(results).with_suffix(".log")
-            reached = reached_step(out) if stop_at_step is not None and not out.exists() else None
-            if proc.returncode == 0 and reached is not None and reached >= stop_at_step:
-                log_path.unlink()
-                tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: stopped at step "
-                           f"{reached} as asked in {time.perf_counter() - t:.0f}s (checkpoint kept)")
-            elif proc.returncode != 0 or not out.exists():
-                failed += 1
-                tqdm.write(f"[bench] FAILED ({proc.returncode}) {r}; log: {log_path}")
-            else:
-                log_path.unlink()
-                res = json.loads(out.read_text())
-                tqdm.write(f"[bench] {r.task:<12} {r.method:<16} lr {r.lr:<7g} seed {r.seed}: test {res['metric']} "
-                           f"{res['test']:.4f} (val {res['validation']:.4f}) in {time.perf_counter() - t:.0f}s")
-            bar.update(1)
-            return
-
-    import signal
+        while True:
+            done = next((i for i, (_, proc, _, _) in enumerate(running) if proc.poll() is not None), None)
+            if done is not None:
+                break
+            time.sleep(1.0)
+        r, proc, f, t = running.pop(done)
+        f.close()
+        failed += _outcome(r, proc.returncode, results, stop_at_step, time.perf_counter() - t)
+        bar.update(1)
 
     def stop(signum: int, _frame: Any) -> None:  # `kill` of the bench stops its runs too (finally below)
         raise SystemExit(128 + signum)
@@ -295,7 +315,7 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
     try:
         for r in todo:
             while len(running) >= jobs:
-                reap(block=True)
+                reap()
             out = r.path(results)
             if out.exists() or output_busy(str(out)):  # finished or started by another bench meanwhile
                 tqdm.write(f"[bench] skipping {r.label}: done or being trained by another process")
@@ -308,7 +328,7 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
                                     stdout=f, stderr=subprocess.STDOUT, env=env)
             running.append((r, proc, f, time.perf_counter()))
         while running:
-            reap(block=True)
+            reap()
     finally:
         signal.signal(signal.SIGTERM, previous)
         for _, proc, f, _ in running:  # interrupted: stop the children; their .partial curves stay
