@@ -59,10 +59,17 @@ def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m, n, score in pts:
+    # Variants with the same parameter count (VectorFit with and without AVF) often land within a
+    # hair of each other; stack their labels downwards instead of printing one over the other.
+    span = (max(p[2] for p in pts) - min(p[2] for p in pts)) or 1.0
+    placed: list = []
+    for m, n, score in sorted(pts, key=lambda p: (p[1], -p[2])):
         vf = m in ("vectorfit", "no_avf", "sigma", "sigma_attn", "sigma_attn_bias")
         ax.scatter([n], [score], s=60, marker="*" if vf else "o", color="tab:red" if vf else "tab:blue", zorder=3)
-        ax.annotate(LABELS.get(m, m), (n, score), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        crowd = sum(1 for n2, s2 in placed if n2 == n and abs(s2 - score) < 0.04 * span)
+        ax.annotate(LABELS.get(m, m), (n, score), textcoords="offset points", xytext=(5, 4 - 10 * crowd),
+                    fontsize=8)
+        placed.append((n, score))
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale, incl. the task head)")
     ax.set_ylabel(f"average test metric × 100 ({len(tasks)} tasks)")
