@@ -1,24 +1,33 @@
 """VectorFit: fine-tune only the singular values and biases of a pre-trained model's matrices,
-with Adaptive Vector Freezing (Hegde, Kaur, Tiwari, arXiv 2503.19530).
+with Adaptive Vector Freezing (Hegde, Kaur, Tiwari, arXiv 2503.19530), as a peft method.
 
-Quick start::
+Importing this package registers ``PeftType.VECTORFIT`` with peft, so peft's own entry points work::
 
-    from vectorfit import VectorFitConfig, get_vectorfit_model
-    model = get_vectorfit_model(base_model, VectorFitConfig(modules_to_save=["classifier"]))
+    from peft import get_peft_model, PeftModel
+    from vectorfit import VectorFitConfig
+    model = get_peft_model(base_model, VectorFitConfig(task_type="SEQ_CLS"))
+    ...
+    model.save_pretrained("adapter")
+    model = PeftModel.from_pretrained(fresh_base_model, "adapter")
 """
 
-from .adapter_io import AdapterError
+from . import _peft
+from .config import VARIANTS, AVFConfig, VectorFitConfig
+from .errors import AdapterError, ConfigError
 from .avf import AdaptiveVectorFreezing, AVFError
+from .base_check import allow_base_differences
 from .cache import default_cache_root
-from .config import VARIANTS, AVFConfig, ConfigError, VectorFitConfig
 from .functional import low_memory
-from .layer import SVDLinear
+from .layer import VectorFitLayer
 from .model import VectorFitModel, get_vectorfit_model, target_module_names
+from .legacy import convert_legacy_adapter
 from .notices import VectorFitWarning
 from .optim import param_groups
 from .targets import ARCHITECTURES, TargetError
 
-__version__ = "0.1.0"
+_peft.register(VectorFitConfig, VectorFitModel)
+
+__version__ = "0.2.0"
 
 __all__ = [
     "ARCHITECTURES",
@@ -27,12 +36,14 @@ __all__ = [
     "AdapterError",
     "AdaptiveVectorFreezing",
     "ConfigError",
-    "SVDLinear",
     "TargetError",
     "VARIANTS",
     "VectorFitConfig",
+    "VectorFitLayer",
     "VectorFitModel",
     "VectorFitWarning",
+    "allow_base_differences",
+    "convert_legacy_adapter",
     "default_cache_root",
     "get_vectorfit_model",
     "low_memory",

@@ -13,9 +13,10 @@ toggled, so ``DistributedDataParallel`` (which fixes the set of reduced paramete
 keeps working; every rank takes the same decisions from the same all-reduced values.
 
 All AVF state (the EMA, the frozen set, the schedule, the history) lives in buffers of this
-module, which is a submodule of the ``VectorFitModel``: it is saved and restored with the model's
-``state_dict`` (plain checkpoints, the Trainer's checkpoints, ``accelerate.save_state``), so a
-resumed run freezes exactly what the uninterrupted run would have.
+module, which is a submodule of the VectorFit tuner (``peft_model.base_model.vectorfit_avf``): it
+is saved with the adapter (``adapter_model.safetensors``, so in every ``checkpoint-*`` a Trainer
+writes) and with the model's ``state_dict``, and restored from either, so a resumed run freezes
+exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -26,30 +27,30 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import AVFConfig, ConfigError
+from .config import AVFConfig
+from .errors import ConfigError
 
 
-def training_strength(layer: nn.Module, attr: str) -> Tensor:
-    """``mean(|v_0 - v_t|)`` of the vector ``getattr(layer, attr)`` (paper eq. for S_v), float32.
+def training_strength(layer: nn.Module, kind: str, adapter_name: str) -> Tensor:
+    """``mean(|v_0 - v_t|)`` of adapter ``adapter_name``'s vector ``kind`` (``"sigma"`` / ``"bias"``)
+    on a VectorFit layer (paper eq. for S_v), float32.
 
     Under FSDP2 (``fully_shard``) the trained parameter is a sharded ``DTensor``: every rank then
     all-gathers the whole vector (a collective; vectors are tiny) and computes the strength from it
     as one process would, so all ranks get the same value and take the same freezing decision."""
-    trained = layer.trained_attr(attr) if hasattr(layer, "trained_attr") else attr
-    p, v0 = getattr(layer, trained), getattr(layer, attr + "0")
-    if hasattr(p, "full_tensor"):  # DTensor (torch.distributed.tensor)
-        full = p.detach().full_tensor()
-        v = v0 * (1.0 + full) if trained != attr else full  # relative form: sigma = sigma0 * (1 + delta)
-    elif p.shape != v0.shape:
+    p = (layer.vectorfit_sigma if kind == "sigma" else layer.vectorfit_bias)[adapter_name]
+    v0 = layer.sigma0 if kind == "sigma" else layer.bias0
+    full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # DTensor (torch.distributed.tensor)
+    if full.shape != v0.shape:
         raise AVFError(
-            f"AVF cannot read the trained vector {trained!r} of a {type(layer).__name__}: it has shape {tuple(p.shape)}, "
+            f"AVF cannot read the trained {kind} vector of a {type(layer).__name__}: it has shape {tuple(full.shape)}, "
             f"not {tuple(v0.shape)}. FSDP1 (FullyShardedDataParallel) leaves each rank only its slice of a flat "
             "parameter (DeepSpeed ZeRO-3 an empty placeholder); use FSDP2 (torch.distributed.fsdp.fully_shard), DDP, "
             "or one process"
         )
-    else:
-        v = getattr(layer, attr)
-    return (v.detach().float() - v0.float()).abs().mean()
+    if kind == "sigma" and layer.vectorfit_sigma_param[adapter_name] == "relative":
+        full = v0 * (1.0 + full)  # relative form: sigma = sigma0 * (1 + z)
+    return (full.float() - v0.float()).abs().mean()
 
 
 class AVFError(RuntimeError):
@@ -60,12 +61,13 @@ class AdaptiveVectorFreezing(nn.Module):
     """AVF controller over a fixed, ordered list of vectors.
 
     Args:
-        vectors: ``(name, layer, attribute)`` triples; ``getattr(layer, attribute)`` is the trained
-            parameter and ``getattr(layer, attribute + "0")`` its value before fine-tuning.
+        vectors: ``(name, layer, kind)`` triples, ``kind`` ``"sigma"`` or ``"bias"``: the vector is
+            adapter ``adapter_name``'s ``layer.vectorfit_<kind>[adapter_name]``.
         config: the schedule; fields left ``None`` are filled by :meth:`set_total_steps`.
+        adapter_name: the adapter whose vectors these are.
     """
 
-    def __init__(self, vectors: list[tuple[str, nn.Module, str]], config: AVFConfig) -> None:
+    def __init__(self, vectors: list[tuple[str, nn.Module, str]], config: AVFConfig, adapter_name: str = "default") -> None:
         super().__init__()
         # k = n would freeze every vector at the first AVF step and train nothing afterwards.
         if config.k >= len(vectors):
@@ -75,7 +77,8 @@ class AdaptiveVectorFreezing(nn.Module):
             )
         self.names = [n for n, _, _ in vectors]
         # Plain list, not registered: the layers belong to the model, not to this module.
-        self._vectors = [(layer, attr) for _, layer, attr in vectors]
+        self._vectors = [(layer, kind) for _, layer, kind in vectors]
+        self.adapter_name = adapter_name
         self.config = config
         self._user_config = config  # what reset() returns to
         n = len(vectors)
@@ -117,16 +120,16 @@ class AdaptiveVectorFreezing(nn.Module):
 
     # ------------------------------------------------------------------ the algorithm
     def _param(self, i: int) -> nn.Parameter:
-        """The parameter that trains vector i (``sigma_delta`` for relative singular values)."""
-        layer, attr = self._vectors[i]
-        return getattr(layer, layer.trained_attr(attr) if hasattr(layer, "trained_attr") else attr)
+        """The parameter that trains vector i (``z`` for relative singular values)."""
+        layer, kind = self._vectors[i]
+        return (layer.vectorfit_sigma if kind == "sigma" else layer.vectorfit_bias)[self.adapter_name]
 
     @torch.no_grad()
     def strengths(self) -> Tensor:
         """Current training strengths ``mean(|v_0 - v_t|)`` of all vectors, in order (float32)."""
         out = torch.empty(len(self._vectors), dtype=torch.float32, device=self.ema.device)
-        for i, (layer, attr) in enumerate(self._vectors):
-            out[i] = training_strength(layer, attr).to(out.device)
+        for i, (layer, kind) in enumerate(self._vectors):
+            out[i] = training_strength(layer, kind, self.adapter_name).to(out.device)
         return out
 
     def step(self, global_step: int) -> None:

@@ -36,7 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import contextlib
+from typing import Iterator
+
 from .cache import fingerprint
+from .errors import AdapterError
 
 #: Probes per side of the sketch (16 numbers per target in ``adapter_config.json``).
 PROBES = 4
@@ -84,7 +88,7 @@ def dtype_advice(name: str, here: torch.dtype, stored: str) -> str:
         f"module {name!r} is {dtype_name(here)} here, but the adapter was trained on a {stored} copy of the base "
         f"model; a {dtype_name(here)} copy cannot be checked against it. Load the base model in {stored} "
         f"(e.g. from_pretrained(..., dtype=torch.{stored})), load the adapter onto it, then cast: "
-        f"VectorFitModel.from_pretrained(base, path).merge_and_unload().to(torch.{dtype_name(here)})"
+        f"PeftModel.from_pretrained(base, path).merge_and_unload().to(torch.{dtype_name(here)})"
     )
 
 
@@ -107,6 +111,55 @@ def other_tensors(model: nn.Module, skip_modules: list, extra: Optional[dict] = 
     named = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefixes)}
     named.update(extra or {})
     return {k: v.detach() for k, v in named.items() if isinstance(v, Tensor)}
+
+
+def other_tensors_of(model: nn.Module, targets: dict, heads: list) -> dict[str, Tensor]:
+    """The base tensors an adapter depends on besides its target matrices: everything outside the
+    targets and saved heads (a VectorFit layer or a peft head wrapper included), plus the target
+    biases it does not train (recorded as ``<target>.bias``).
+
+    Args:
+        model: the base model (wrapped or not).
+        targets: ``{name: record}`` with each target's ``"bias"`` (trained) flag.
+        heads: ``modules_to_save`` entries (names or dotted suffixes).
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    head_names = [n for n in names if any(n == h or n.endswith("." + h) for h in heads)]
+    extra = {}
+    for n, info in targets.items():
+        if info.get("bias", True):
+            continue
+        try:
+            module = model.get_submodule(n)
+        except AttributeError:
+            continue
+        bias = getattr(getattr(module, "base_layer", module), "bias", None)
+        if isinstance(bias, Tensor):
+            extra[f"{n}.bias"] = bias
+    return other_tensors(model, [*targets, *head_names], extra)
+
+
+_MODE: list[str] = []  # set by allow_base_differences()
+
+
+@contextlib.contextmanager
+def allow_base_differences(mode: str = "warn") -> Iterator[None]:
+    """Inside the block, loading an adapter onto a base whose tensors *outside* the adapted matrices
+    differ only warns (``mode="warn"``), as ``check_base="warn"`` does for ``from_pretrained``; use it
+    around ``model.load_adapter(...)``, which peft gives no such argument. Target matrices must
+    always match."""
+    if mode not in ("error", "warn"):
+        raise ValueError(f"mode={mode!r} is invalid: use 'error' or 'warn'")
+    _MODE.append(mode)
+    try:
+        yield
+    finally:
+        _MODE.pop()
+
+
+def mode(configured: str) -> str:
+    """The base-check mode in force: :func:`allow_base_differences` if active, else ``configured``."""
+    return _MODE[-1] if _MODE else configured
 
 
 def record_other_tensors(named: dict[str, Tensor]) -> dict[str, dict[str, str]]:
@@ -194,8 +247,6 @@ def check_targets(found: dict[str, Tensor], saved: dict[str, dict], adapter_path
     Raises:
         AdapterError: naming the first module whose shape, values or dtype do not fit.
     """
-    from .adapter_io import AdapterError
-
     fingerprints = {}
     for name, matrix in found.items():
         info = saved.get(name)
@@ -210,7 +261,7 @@ def check_targets(found: dict[str, Tensor], saved: dict[str, dict], adapter_path
             raise AdapterError(dtype_advice(name, matrix.dtype, info["dtype"]))
         if verdict == "differs":
             raise AdapterError(
-                f"base model mismatch at module {name!r}: its weights differ from those the adapter at {adapter_path} "
+                f"base model mismatch at module {name!r}: its weights differ from those {adapter_path} "
                 "was trained on (fingerprint mismatch); load the adapter onto the same pretrained model"
             )
         fingerprints[name] = info["fingerprint"] if verdict == "same" else fingerprint(matrix)
@@ -220,7 +271,6 @@ def check_targets(found: dict[str, Tensor], saved: dict[str, dict], adapter_path
 def enforce_other_tensors(named: dict[str, Tensor], stored: dict[str, dict], adapter_path: Any, mode: str) -> None:
     """Refuse (``mode="error"``) or warn (``"warn"``) when base tensors outside the targets differ
     from those the adapter was trained with."""
-    from .adapter_io import AdapterError
     from .notices import warn
 
     differing, missing, dtype = check_other_tensors(named, stored)
@@ -238,7 +288,7 @@ def enforce_other_tensors(named: dict[str, Tensor], stored: dict[str, dict], ada
     if dtype:
         parts.append(f"tensors of another dtype: {dtype[:5]}")
     msg = (
-        f"the base model differs outside the adapted matrices from the one the adapter at {adapter_path} was "
+        f"the base model differs outside the adapted matrices from the one {adapter_path} was "
         f"trained with ({'; '.join(parts)}), so its outputs would differ too. Usual causes: a newly initialised task "
         "head that was not in modules_to_save (train with modules_to_save=[...] or task_type=... so it is saved), "
         "another checkpoint of the base model, or modules trained outside the adapter"
@@ -249,12 +299,13 @@ def enforce_other_tensors(named: dict[str, Tensor], stored: dict[str, dict], ada
         raise AdapterError(msg + "; pass check_base='warn' to load anyway")
 
 
-def check_signatures(layers: dict[str, Any], saved: dict[str, dict]) -> dict[str, float]:
+def check_signatures(views: dict[str, tuple], saved: dict[str, dict]) -> dict[str, float]:
     """Recompute every trained layer's sketch and warn about the layers whose trained weight moved
     beyond tolerance (a different SVD basis than at training).
 
     Args:
-        layers: ``{name: SVDLinear}`` of the loaded model (singular values already loaded).
+        views: ``{name: (layer, sigma)}``: a decomposed VectorFit layer (``U``, ``Vh``) and the
+            singular values being loaded into it.
         saved: the adapter's target records.
 
     Returns:
@@ -263,11 +314,11 @@ def check_signatures(layers: dict[str, Any], saved: dict[str, dict]) -> dict[str
     from .notices import warn
 
     devs, bad = {}, []
-    for name, layer in layers.items():
+    for name, (layer, sigma) in views.items():
         stored = saved.get(name, {}).get("signature")
-        if stored is None or getattr(layer, "sigma", None) is None:
-            continue  # an adapter from before signatures, or a bias-only layer
-        dev = deviation(signature(layer.U, layer.sigma, layer.Vh), stored)
+        if stored is None:
+            continue  # an adapter from before signatures
+        dev = deviation(signature(layer.U, sigma, layer.Vh), stored)
         devs[name] = dev
         stored_dtype = _dtype_of(saved[name].get("dtype", "float32")) or torch.float32
         if dev > tolerance(layer.U.dtype, stored_dtype):

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .layer import svd_fp32
+from .functional import svd_fp32
 from .targets import TargetError
 from .notices import warn
 

@@ -10,10 +10,14 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .notices import warn
+from . import _peft  # noqa: F401  (adds PeftType.VECTORFIT before the config below uses it)
+from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
+
+from .errors import ConfigError
 
 #: Parameterisations of the trained singular values (see VectorFitConfig.sigma_param).
 SIGMA_PARAMS = ("absolute", "relative")
@@ -30,8 +34,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+#: peft's task types VectorFit supports (as in ``peft.TaskType``).
+TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 
 
 def _bad(field_name: str, value: Any, fix: str) -> ConfigError:
@@ -139,10 +143,20 @@ class AVFConfig:
 
 TargetSpec = Union[None, str, list]
 
+#: Fields of :class:`VectorFitConfig` that describe this machine or process, not the adapter: never
+#: written to ``adapter_config.json``.
+LOCAL_FIELDS = ("svd_cache", "cache_dir", "progress", "check_base")
+#: Fields VectorFit fills itself (when the model is wrapped, and when it is saved); they record what
+#: the adapter depends on, so loading can refuse a base model it was not trained on.
+RECORD_FIELDS = ("targets", "base_tensors", "base_model_class")
+
 
 @dataclass
-class VectorFitConfig:
-    """What to adapt and how.
+class VectorFitConfig(PeftConfig):
+    """What to adapt and how: a ``peft.PeftConfig`` whose ``peft_type`` is ``VECTORFIT``.
+
+    ``peft.get_peft_model(model, VectorFitConfig(...))`` (or :func:`vectorfit.get_vectorfit_model`)
+    wraps a model; ``save_pretrained`` writes it as ``adapter_config.json``.
 
     Args:
         variant: one of ``vectorfit`` (default, the full method), ``no_avf``, ``sigma``,
@@ -152,51 +166,55 @@ class VectorFitConfig:
             ``"all-linear"`` (every Linear/Conv1D except the output head).
         exclude_modules: names / dotted suffixes (list) or a regex (string) removed from the targets.
         modules_to_save: new task heads trained in full and saved with the adapter (e.g.
-            ``["classifier"]``). ``None``: nothing but the vectors is trained.
-        avf: AVF schedule; only for variants with AVF. ``None`` there means the default
-            ``AVFConfig()`` whose steps are derived from the run length.
-        svd_cache: cache decompositions on disk (keyed by the weight's content).
-        cache_dir: where; ``None`` means ``$VECTORFIT_CACHE/svd`` or ``~/.cache/vectorfit/svd``.
-        task_type: peft's task type (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``, ``CAUSAL_LM``,
-            ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION``; a ``peft.TaskType`` works too). As in peft, the
-            classification tasks add their head (``classifier`` / ``score``; ``qa_outputs``) to
-            ``modules_to_save``; the others add nothing (see :mod:`vectorfit.tasks`).
-        progress: show a progress bar over the matrices while they are fingerprinted and
-            decomposed (it appears only if that takes over a second, i.e. not from a warm cache).
-            ``None``: on unless ``$VECTORFIT_PROGRESS`` is ``0``. Not saved with adapters.
-        sigma_param: how the singular values are trained. ``"absolute"`` (the paper's form, the
-            default): ``s`` itself is the parameter. ``"relative"``: ``s = s0 * (1 + z)`` with ``z``
-            trained from 0 (the form of Transformer²'s SVF), so Adam, which moves every entry by about
-            the learning rate, changes each singular value by a *relative* amount whatever its size.
-            Exact at initialisation; merge, save/load and AVF (whose strength stays ``mean|s0 - s|``
-            on ``s`` itself) work the same.
+            ``["classifier"]``). ``task_type="SEQ_CLS"`` adds ``classifier``/``score`` (peft's rule).
+        avf: AVF schedule (:class:`AVFConfig` or a dict of its fields); only for variants with AVF.
+            ``None`` there means the default ``AVFConfig()`` whose steps are derived from the run length.
+        sigma_param: ``"absolute"`` (the paper's form, the default): ``s`` itself is the parameter.
+            ``"relative"``: ``s = s0 * (1 + z)`` with ``z`` trained from 0 (Transformer²'s SVF form), so
+            Adam changes each singular value by a *relative* amount whatever its size.
+        svd_cache: cache decompositions on disk (keyed by the weight's content). Not saved.
+        cache_dir: where; ``None`` means ``$VECTORFIT_CACHE/svd`` or ``~/.cache/vectorfit/svd``. Not saved.
+        progress: a progress bar over the matrices while they are fingerprinted and decomposed
+            (shown only if that takes over a second). ``None``: on unless ``$VECTORFIT_PROGRESS=0``. Not saved.
+        check_base: when an adapter is loaded: ``"error"`` (default) refuses a base whose tensors
+            outside the adapted matrices (embeddings, norms, an unsaved head) differ from the
+            training model's; ``"warn"`` loads it with a warning. Target matrices must always match.
+            ``PeftModel.from_pretrained(base, path, check_base="warn")`` sets it. Not saved.
+        targets, base_tensors, base_model_class: the adapter's record of its base model (target
+            shapes, roles, fingerprints, decomposition sketches; fingerprints of every other base
+            tensor). Filled by VectorFit; leave them ``None``.
     """
 
-    variant: str = "vectorfit"
-    target_modules: TargetSpec = None
-    exclude_modules: TargetSpec = None
-    modules_to_save: Optional[list] = None
-    avf: Optional[AVFConfig] = None
-    svd_cache: bool = True
-    cache_dir: Optional[str] = None
-    task_type: Optional[str] = None
-    progress: Optional[bool] = None
-    sigma_param: str = "absolute"
+    variant: str = field(default="vectorfit", metadata={"help": f"one of {sorted(VARIANTS)}"})
+    target_modules: Optional[Union[list, str]] = field(default=None, metadata={"help": "modules to adapt; None: q,k,v,o,f1,f2"})
+    exclude_modules: Optional[Union[list, str]] = field(default=None, metadata={"help": "modules to leave out"})
+    modules_to_save: Optional[list] = field(default=None, metadata={"help": "new task heads, trained and saved"})
+    avf: Optional[Union[AVFConfig, dict]] = field(default=None, metadata={"help": "Adaptive Vector Freezing schedule"})
+    sigma_param: str = field(default="absolute", metadata={"help": "'absolute' or 'relative' singular values"})
+    svd_cache: bool = field(default=True, metadata={"help": "cache SVDs on disk"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "SVD cache folder"})
+    progress: Optional[bool] = field(default=None, metadata={"help": "progress bar of the first SVD"})
+    check_base: str = field(default="error", metadata={"help": "'error' or 'warn' on a differing base at load"})
+    targets: Optional[dict] = field(default=None, metadata={"help": "filled by VectorFit"})
+    base_tensors: Optional[dict] = field(default=None, metadata={"help": "filled by VectorFit"})
+    base_model_class: Optional[str] = field(default=None, metadata={"help": "filled by VectorFit"})
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise _bad("VectorFitConfig.variant", self.variant, f"choose one of {sorted(VARIANTS)}")
+        self.peft_type = PeftType.VECTORFIT
         if self.task_type is not None:
-            from .tasks import TASK_TYPES
-
             name = getattr(self.task_type, "value", self.task_type)  # peft.TaskType is a str Enum
             if not isinstance(name, str) or name.upper() not in TASK_TYPES:
                 raise _bad("VectorFitConfig.task_type", self.task_type, f"use one of {', '.join(TASK_TYPES)}, or None")
             self.task_type = name.upper()
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise _bad("VectorFitConfig.variant", self.variant, f"choose one of {sorted(VARIANTS)}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise _bad("VectorFitConfig.progress", self.progress, "use True, False, or None (on unless VECTORFIT_PROGRESS=0)")
         if self.sigma_param not in SIGMA_PARAMS:
             raise _bad("VectorFitConfig.sigma_param", self.sigma_param, f"use one of {', '.join(SIGMA_PARAMS)}")
+        if self.check_base not in ("error", "warn"):
+            raise _bad("VectorFitConfig.check_base", self.check_base, "use 'error' (refuse a differing base) or 'warn'")
         if isinstance(self.avf, dict):
             self.avf = AVFConfig.from_dict(self.avf)
         if VARIANTS[self.variant]["avf"]:
@@ -205,15 +223,12 @@ class VectorFitConfig:
             elif not isinstance(self.avf, AVFConfig):
                 raise _bad("VectorFitConfig.avf", self.avf, "pass an AVFConfig, a dict of its fields, or None")
         elif self.avf is not None:
-            raise _bad(
-                "VectorFitConfig.avf",
-                self.avf,
-                f"variant {self.variant!r} has no Adaptive Vector Freezing; drop avf= or use variant='vectorfit'",
-            )
+            raise _bad("VectorFitConfig.avf", self.avf,
+                       f"variant {self.variant!r} has no Adaptive Vector Freezing; drop avf= or use variant='vectorfit'")
         for name in ("target_modules", "exclude_modules"):
             v = getattr(self, name)
-            if isinstance(v, tuple):
-                v = list(v)
+            if isinstance(v, (tuple, set, frozenset)):
+                v = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
                 setattr(self, name, v)
             if v is None:
                 continue
@@ -233,16 +248,14 @@ class VectorFitConfig:
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
             raise _bad("VectorFitConfig.cache_dir", self.cache_dir, "use a folder path (str or os.PathLike) or None")
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, (str, tuple)):
+            if isinstance(self.modules_to_save, (str, tuple, set)):
                 self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
             if not all(isinstance(x, str) and x for x in self.modules_to_save):
                 raise _bad("VectorFitConfig.modules_to_save", self.modules_to_save, "use a list of module names, e.g. ['classifier']")
             unique = list(dict.fromkeys(self.modules_to_save))
             if len(unique) != len(self.modules_to_save):
-                # Each module is wrapped (and saved) once; a repeated entry would otherwise wrap it twice.
-                dups = sorted({x for x in self.modules_to_save if self.modules_to_save.count(x) > 1})
-                warn(f"VectorFitConfig.modules_to_save lists {dups} more than once; each module is trained and saved once")
-                self.modules_to_save = unique
+                self.modules_to_save = unique  # peft's task classes append their head names again on every load
+        _check_record(self)
 
     @property
     def sigma_roles(self) -> tuple:
@@ -257,24 +270,41 @@ class VectorFitConfig:
         return VARIANTS[self.variant]["avf"]
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("cache_dir")  # machine-specific, not part of an adapter
-        d.pop("svd_cache")
-        d.pop("progress")  # a display setting of this process
-        if d["task_type"] is None:
-            d.pop("task_type")  # so adapters that do not use it stay readable by vectorfit 0.1.0
-        if d["sigma_param"] == "absolute":
-            d.pop("sigma_param")  # likewise
+        """The fields ``adapter_config.json`` holds: everything but the machine-local ones."""
+        d = super().to_dict()
+        for k in LOCAL_FIELDS:
+            d.pop(k, None)
+        # The record of the base model, made by the tuner when the adapter is saved (model.py).
+        d.update(self.__dict__.get("_vectorfit_record") or {})
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "VectorFitConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown VectorFitConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
-        return cls(**d)
-
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
 
+
+def _check_record(config: VectorFitConfig) -> None:
+    """Refuse a record (``targets`` / ``base_tensors``) of the wrong shape, naming the field: a
+    hand-edited or damaged ``adapter_config.json`` must fail here, not deep inside loading."""
+
+    def corrupt(what: str) -> ConfigError:
+        return ConfigError(f"VectorFitConfig.{what}; this adapter_config.json is damaged or was not written by vectorfit: "
+                           "save the adapter again with save_pretrained")
+
+    targets = config.targets
+    if targets is not None:
+        if not isinstance(targets, dict) or not targets:
+            raise corrupt("targets is not a non-empty object of target modules")
+        for name, info in targets.items():
+            if not isinstance(info, dict):
+                raise corrupt(f"targets[{name!r}] is a {type(info).__name__}, expected an object")
+            shape = info.get("shape")
+            if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+                raise corrupt(f"targets[{name!r}].shape is {shape!r}, expected [d_out, d_in]")
+            if not isinstance(info.get("fingerprint"), str):
+                raise corrupt(f"targets[{name!r}].fingerprint is not a string")
+            for key in ("sigma", "bias"):
+                if not isinstance(info.get(key), bool):
+                    raise corrupt(f"targets[{name!r}].{key} is {info.get(key)!r}, expected true or false")
+    base = config.base_tensors
+    if base is not None and not (isinstance(base, dict) and all(isinstance(v, dict) and isinstance(v.get("fingerprint"), str) for v in base.values())):
+        raise corrupt("base_tensors is not an object of {fingerprint, dtype} entries")

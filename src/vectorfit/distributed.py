@@ -14,33 +14,23 @@ VectorFit model (same base model, same config) in the same order. A model built 
 (for example an evaluation copy on rank 0) must be built inside :func:`local_decomposition`,
 otherwise rank 0 waits for the others until the process group's timeout.
 
-Why some buffers are hidden from DDP: ``DistributedDataParallel(broadcast_buffers=True)`` (its
-default, and the Trainer's unless ``ddp_broadcast_buffers=False``) re-sends every buffer from rank 0
-before each forward pass. A VectorFit layer's frozen ``U``, ``Vh`` (and ``sigma0``, frozen weights,
-biases) are buffers as large as the base model's matrices, identical on every rank by the above, and
-never change in training; re-sending them each step costs a model-sized broadcast per step and bumps
-their version counters. :func:`ddp_ignored_buffer_names` lists them, and ``VectorFitModel`` exposes the
-list as ``_ddp_params_and_buffers_to_ignore``, the attribute DDP reads at construction. AVF's small
-state buffers stay synced. A model built before the process group existed (each rank decomposed on
-its own) hides nothing: DDP's initial sync then copies rank 0's factors to the other ranks, and its
-per-forward broadcast keeps them so, as it would for any model.
+What DDP need not sync: a VectorFit layer's frozen ``U`` and ``Vh`` are frozen parameters, which
+DDP broadcasts once at construction and never reduces; when rank 0 decomposed for everyone they are
+already identical, and :func:`ddp_ignored_names` lists them (with ``sigma0``) so that even the
+initial, model-sized broadcast is skipped. The tuner exposes the list as
+``_ddp_params_and_buffers_to_ignore``, the attribute DDP reads at construction (through the
+``PeftModel``). A model built before the process group existed (each rank decomposed on its own)
+hides nothing: DDP's initial sync then copies rank 0's factors to the other ranks.
 
 FSDP (PyTorch's FSDP2, ``torch.distributed.fsdp.fully_shard``; tested on CPU with gloo): the trained
 vectors and heads are parameters, so FSDP shards them and reduce-scatters their gradients like any
 other; the optimizer steps on the shards. AVF reads whole vectors: on a sharded parameter it
 all-gathers the vector on every rank (``avf.training_strength``; vectors are tiny), so every rank
 computes the one-process strengths and takes the same decision; a frozen vector's sharded gradient
-is dropped on every rank. Two things FSDP does not do by itself:
-
-* FSDP shards parameters, not buffers, and a VectorFit layer's frozen ``U``/``Vh`` (most of its
-  memory) are buffers. :func:`prepare_fsdp` re-registers them (and a bias-only layer's frozen dense
-  weight) as frozen parameters (``requires_grad=False``) before ``fully_shard``, so FSDP shards them
-  and all-gathers them for each forward/backward, as it does a LoRA model's frozen base weights. They
-  stay out of ``state_dict`` as before. Without it everything still trains, with the factors
-  replicated on every rank.
-* ``save_pretrained`` reads whole tensors. :func:`full_parameters` gathers every sharded parameter on
-  every rank for the duration of a ``with`` block (a collective: enter it on every rank); inside it,
-  rank 0 saves (``if dist.get_rank() == 0: model.save_pretrained(path)``).
+is dropped on every rank. The frozen ``U``/``Vh`` are frozen parameters, so FSDP shards them too.
+``save_pretrained`` reads whole tensors: :func:`full_parameters` gathers every sharded parameter on
+every rank for the duration of a ``with`` block (a collective: enter it on every rank); inside it,
+rank 0 saves (``if dist.get_rank() == 0: model.save_pretrained(path)``).
 
 FSDP1 (``FullyShardedDataParallel``, flat parameters) is not supported: outside its forward a rank
 holds only its slice of a flat buffer, which neither AVF nor saving can read.
@@ -57,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layer import SVDLinear
+from .layer import VectorFitLayer
 from .notices import warn
 
 __all__ = [
@@ -67,7 +57,7 @@ __all__ = [
     "is_main_process",
     "local_decomposition",
     "decompose",
-    "ddp_ignored_buffer_names",
+    "ddp_ignored_names",
     "counts",
     "prepare_fsdp",
     "full_parameters",
@@ -235,75 +225,38 @@ def decompose(cache, matrix: Tensor, key: str, name: str) -> tuple[Tensor, Tenso
     return U.view(d_out, r), S, Vh.view(r, d_in)
 
 
-def ddp_ignored_buffer_names(model: nn.Module) -> list[str]:
-    """Names (relative to ``model``) of the frozen buffers of its VectorFit layers, which DDP need not
-    broadcast: identical on every rank by construction and never changed by training.
+def ddp_ignored_names(model: nn.Module) -> list[str]:
+    """Names (relative to ``model``) of the frozen factors (``U``, ``Vh``, ``sigma0``) of the VectorFit
+    layers whose factors came from rank 0: identical on every rank by construction and never changed
+    by training, so DDP's initial sync need not send them.
 
     Args:
-        model: a ``VectorFitModel`` (or any module holding ``SVDLinear`` layers).
+        model: a module holding VectorFit layers (the base model inside a ``PeftModel``).
 
     Returns:
-        Fully qualified buffer names, every alias of a shared layer included.
+        Fully qualified names, every alias of a shared layer included.
     """
     names = []
     for prefix, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, SVDLinear):
-            names += [f"{prefix}.{b}" if prefix else b for b, _ in module.named_buffers(recurse=False)]
+        if isinstance(module, VectorFitLayer) and module.decomposed and getattr(module, "vectorfit_shared_factors", False):
+            names += [f"{prefix}.{b}" if prefix else b for b in ("U", "Vh", "sigma0")]
     return names
 
 
-#: Frozen tensors of a VectorFit layer that :func:`prepare_fsdp` turns into frozen parameters.
-_FSDP_FROZEN = ("U", "Vh", "weight")
-
-
-def _keep_out_of_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    # They were non-persistent buffers: checkpoints hold only what training changes.
-    for name in _FSDP_FROZEN:
-        state_dict.pop(prefix + name, None)
-
-
-def _fill_from_self(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
-    # A checkpoint without them (every checkpoint, see above) loads strictly: they keep their values.
-    for name in _FSDP_FROZEN:
-        if module._parameters.get(name) is not None:
-            state_dict.setdefault(prefix + name, module._parameters[name])
-
-
 def prepare_fsdp(model: nn.Module) -> nn.Module:
-    """Let FSDP2's ``fully_shard`` shard the frozen factors of every VectorFit layer of ``model``.
+    """Check that ``model`` can be sharded with FSDP2's ``fully_shard``; returns it unchanged.
 
-    ``U`` and ``Vh`` (and the frozen dense weight of a bias-only layer) are buffers, which FSDP
-    leaves whole on every rank; this re-registers them as parameters with ``requires_grad=False``
-    (same tensors, same names, still frozen and still out of ``state_dict``), which FSDP shards and
-    all-gathers for each forward/backward. Call it before ``fully_shard``, and apply ``fully_shard``
-    per block (e.g. per transformer layer) and then to the whole model; optional (without it the
-    factors are replicated). Idempotent.
-
-    Args:
-        model: a ``VectorFitModel`` (or any module holding ``SVDLinear`` layers), not merged.
-
-    Returns:
-        ``model``, modified in place.
+    The frozen factors ``U`` and ``Vh`` are frozen parameters (``requires_grad=False``), so FSDP
+    shards them and all-gathers them for each forward/backward, as it does a LoRA model's frozen base
+    weights; nothing needs converting any more (this function once did). Apply ``fully_shard`` per
+    block and then to the whole model.
 
     Raises:
         ValueError: a layer is merged (``merge()``): unmerge first.
     """
     for name, layer in model.named_modules():
-        if not isinstance(layer, SVDLinear):
-            continue
-        if layer.merged:
+        if isinstance(layer, VectorFitLayer) and layer.merged:
             raise ValueError(f"prepare_fsdp: layer {name!r} is merged; call model.unmerge() before sharding")
-        moved = False
-        for attr in _FSDP_FROZEN:
-            t = layer._buffers.get(attr)
-            if t is not None:
-                del layer._buffers[attr]
-                layer.register_parameter(attr, nn.Parameter(t, requires_grad=False))
-                moved = True
-        if moved and not layer.__dict__.get("_vf_fsdp_hooks"):
-            layer.register_state_dict_post_hook(_keep_out_of_state_dict)
-            layer.register_load_state_dict_pre_hook(_fill_from_self)
-            layer.__dict__["_vf_fsdp_hooks"] = True
     return model
 
 

@@ -1,324 +1,347 @@
-"""The VectorFit layer: a linear map kept as its thin SVD, training only singular values and bias.
+"""The VectorFit layer: peft's tuner layer for a linear map kept as its thin SVD.
 
-This file knows only torch. It does not care where the matrix came from (``nn.Linear``, a
-transposed GPT-2 ``Conv1D``, later a flattened ``Conv2d``): it receives a ``d_out x d_in`` matrix.
+    y = U diag(s) Vh x + b        U: d_out x r, Vh: r x d_in, r = min(d_out, d_in)
 
-    y = U diag(sigma) Vh x + bias        U: d_out x r, Vh: r x d_in, r = min(d_out, d_in)
+One class serves ``nn.Linear`` and Hugging Face's GPT-2 ``Conv1D`` (a linear map whose weight is
+stored transposed): both are the matrix ``d_out x d_in`` here. The arithmetic lives in
+:mod:`vectorfit.functional` (torch only); this file is the peft contract around it.
 
-Storage: ``U`` and ``Vh`` are frozen buffers in the base weight's dtype; ``sigma`` and ``bias`` are
-float32 parameters (the optimizer updates them in full precision even for bf16/fp16 models) and
-are cast to the activation dtype in the forward pass.
+What is stored, and why:
 
-Several adapters (see :mod:`vectorfit.adapters`) share ``U``, ``Vh`` and ``sigma0``; each owns its
-own vector parameters. The active adapter's are registered as the layer's parameters under their usual
-names (``sigma``/``sigma_delta``, ``bias``), so optimizers, AVF and checkpoints see exactly what a
-single-adapter layer shows; the others wait in ``_adapters``.
+* ``U``, ``Vh``: frozen factors in the base weight's dtype, shared by every adapter of the layer.
+  They are frozen *parameters* (``requires_grad=False``), so FSDP shards them and DDP never
+  re-broadcasts them, but they are kept out of ``state_dict``: everything frozen is rebuilt from the
+  base model, and checkpoints hold only what training changes.
+* The base layer's dense weight is released once it is decomposed (it would double the memory);
+  ``base_layer.weight`` is then a one-element NaN placeholder of the right shape, dtype and device,
+  so code that only reads its metadata works and code that would compute with it fails loudly.
+  :meth:`unload_and_optionally_merge_module` puts a real weight back (``U diag(s0) Vh``, or the
+  merged one) when peft hands the base layer back.
+* Per adapter, in peft's ``ParameterDict`` s named by :attr:`adapter_layer_names`: the singular
+  values ``vectorfit_sigma`` (``s`` itself, or ``z`` with ``s = s0 (1 + z)`` for the relative form)
+  and the bias ``vectorfit_bias`` (absolute, initialised to the base bias or 0). Both float32: the
+  optimizer updates them in full precision for bf16/fp16 models too.
 
-A layer whose singular values are not trained (e.g. f1/f2 in the ``sigma_attn_bias`` variant) is
-never decomposed: it keeps its dense weight and trains only its bias ("bias-only" mode), so it
-costs neither an SVD nor extra memory.
+A layer whose singular values no adapter trains (f1/f2 in ``sigma_attn_bias``) is not decomposed:
+it keeps its dense weight and trains only a bias.
+
+With several active adapters, or with a merged set, the layer computes with
+``s = s0 + sum_a (s_a - s0)`` and ``b = b0 + sum_a (b_a - b0)``: all adapters share ``U`` and
+``Vh``, so this is exactly the sum of their weight updates.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from .functional import mixed_rows_linear, svd_linear
+from .functional import mixed_rows_linear, svd_fp32, svd_linear  # noqa: F401  (svd_fp32: public here too)
 
 #: peft's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``).
 BASE = "__base__"
-_VECTOR_NAMES = ("sigma", "sigma_delta", "bias")
+SIGMA, BIAS = "sigma", "bias"
 
 
-def svd_fp32(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of ``matrix`` computed in float32 whatever its dtype.
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 style ``Conv1D`` (weight stored ``d_in x d_out``), without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def matrix_of(module: nn.Module) -> Tensor:
+    """The ``d_out x d_in`` matrix of a Linear or (transposed) Conv1D."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _placeholder(shape: tuple, like: Tensor) -> Tensor:
+    # One element, expanded: metadata (shape, dtype, device) of the released weight at no memory.
+    return torch.full((), float("nan"), dtype=like.dtype, device=like.device).expand(*shape)
+
+
+def _hide_factors(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for name in ("U", "Vh"):
+        state_dict.pop(prefix + name, None)
+
+
+def _fill_factors(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    # Checkpoints never hold U / Vh (see above): they keep their values on a strict load.
+    for name in ("U", "Vh"):
+        if module._parameters.get(name) is not None:
+            state_dict.setdefault(prefix + name, module._parameters[name])
+
+
+class VectorFitLayer(nn.Module, BaseTunerLayer):
+    """peft tuner layer ``y = U diag(s) Vh x + b`` over a Linear or Conv1D ``base_layer``.
 
     Args:
-        matrix: a ``d_out x d_in`` tensor.
-
-    Returns:
-        ``(U, S, Vh)`` in float32 with ``matrix ~= U @ diag(S) @ Vh``.
-    """
-    m = matrix.detach().to(torch.float32)
-    if m.shape[0] < m.shape[1]:
-        # LAPACK is ~1.5x faster on tall matrices than on wide ones (measured: 768x3072 0.30 s,
-        # its transpose 0.19 s), so decompose W^T = U' S Vh' and read W = Vh'^T S U'^T.
-        Ut, S, Vht = torch.linalg.svd(m.t(), full_matrices=False)
-        return Vht.t().contiguous(), S, Ut.t().contiguous()
-    return torch.linalg.svd(m, full_matrices=False)
-
-
-class SVDLinear(nn.Module):
-    """A linear layer ``y = U diag(sigma) Vh x + bias`` with frozen ``U``, ``Vh``.
-
-    Args:
-        weight: the base weight as a ``d_out x d_in`` matrix (not modified).
-        bias: the base bias (``d_out``) or ``None``.
-        train_sigma: decompose and train the singular values.
-        train_bias: train the bias; a layer without one gets a zero bias.
-        svd: a precomputed ``(U, S, Vh)`` of ``weight`` in float32 (e.g. from the disk cache);
-            computed here when ``None``.
-        sigma_param: ``"absolute"``: the parameter is ``sigma`` itself. ``"relative"``: the
-            parameter is ``sigma_delta`` (zeros at init) and ``sigma = sigma0 * (1 + sigma_delta)``
-            is computed from it (``layer.sigma`` still reads the effective singular values).
-        adapter_name: the name of the adapter these first vectors belong to.
+        base_layer: the layer to adapt (``nn.Linear`` or ``Conv1D``); its weight is released once decomposed.
+        adapter_name: the first adapter's name.
+        train_sigma, train_bias: which vectors this adapter trains here.
+        sigma_param: ``"absolute"`` or ``"relative"`` (see :class:`~vectorfit.VectorFitConfig`).
+        decompose: returns ``(U, S, Vh)`` of the base matrix in float32 (the SVD cache); called once,
+            when an adapter first trains singular values on this layer.
     """
 
-    def __init__(
-        self,
-        weight: Tensor,
-        bias: Optional[Tensor],
-        train_sigma: bool,
-        train_bias: bool,
-        svd: Optional[tuple[Tensor, Tensor, Tensor]] = None,
-        sigma_param: str = "absolute",
-        adapter_name: str = "default",
-    ) -> None:
+    adapter_layer_names = ("vectorfit_sigma", "vectorfit_bias")
+    other_param_names = ("vectorfit_sigma_param",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, train_sigma: bool, train_bias: bool,
+                 sigma_param: str = "absolute", decompose: Optional[Callable[[], tuple]] = None) -> None:
         super().__init__()
-        if sigma_param not in ("absolute", "relative"):
-            raise ValueError(f"SVDLinear: sigma_param={sigma_param!r} is invalid; use 'absolute' or 'relative'")
-        if weight.dim() != 2:
-            raise ValueError(f"SVDLinear expects a 2-D weight matrix, got shape {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self.had_bias = bias is not None
-        self.train_sigma = bool(train_sigma)
-        self.train_bias = bool(train_bias)
-        self.merged = False
-        self.disabled = False
-        dtype, device = weight.dtype, weight.device
-
-        # Non-persistent buffers: everything frozen comes from the base model and is rebuilt from
-        # it, so checkpoints and adapters hold only what training changed.
-        if self.train_sigma:
-            U, S, Vh = svd if svd is not None else svd_fp32(weight)
-            self.register_buffer("U", U.to(device=device, dtype=dtype).contiguous(), persistent=False)
-            self.register_buffer("Vh", Vh.to(device=device, dtype=dtype).contiguous(), persistent=False)
-            self.register_buffer("sigma0", S.to(device=device, dtype=torch.float32).clone(), persistent=False)
-            if sigma_param == "relative":
-                # `sigma` is then computed in __getattr__ from this parameter (see sigma_param above)
-                self.sigma_delta = nn.Parameter(torch.zeros_like(self.sigma0))
-            else:
-                self.sigma = nn.Parameter(S.to(device=device, dtype=torch.float32).clone())
-            self.weight = None
-        else:
-            self.register_buffer("weight", weight.detach().clone(), persistent=False)
-            self.sigma = None
-
-        b0 = bias.detach().to(torch.float32) if bias is not None else None
-        if self.train_bias:
-            if b0 is None:
-                b0 = torch.zeros(self.out_features, device=device, dtype=torch.float32)
-            self.register_buffer("bias0", b0.clone(), persistent=False)
-            self.bias = nn.Parameter(b0.clone())
-        else:
-            self.bias0 = None
-            # A bias that is not trained is frozen base state; keep it out of checkpoints.
-            self.register_buffer("bias", b0.clone() if b0 is not None else None, persistent=False)
-        # Plain attributes (not registered): only the active adapter's vectors are module parameters.
-        self.__dict__["_adapters"] = {adapter_name: self._registered_vectors()}
-        self.__dict__["_active"] = adapter_name
+        self.base_layer = base_layer
+        self.vectorfit_sigma = nn.ParameterDict({})
+        self.vectorfit_bias = nn.ParameterDict({})
+        self.vectorfit_sigma_param: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.conv1d = is_conv1d(base_layer)
+        w = matrix_of(base_layer)
+        self.out_features, self.in_features = w.shape
+        self.had_bias = base_layer.bias is not None
+        self.decomposed = False
+        self.register_parameter("U", None)
+        self.register_parameter("Vh", None)
+        self.register_buffer("sigma0", None, persistent=False)
+        b0 = base_layer.bias.detach().float().clone() if self.had_bias else torch.zeros(self.out_features, device=w.device)
+        self.register_buffer("bias0", b0, persistent=False)
+        self.register_buffer("_merged_weight", None, persistent=False)
+        self.register_buffer("_merged_bias", None, persistent=False)
+        self._register_state_dict_hook(_hide_factors)
+        self._register_load_state_dict_pre_hook(_fill_factors, with_module=True)
         self.__dict__["_rows"] = None  # (adapter names, row index) during a mixed-adapter batch
+        self.update_layer(adapter_name, train_sigma, train_bias, sigma_param, decompose)
 
-    # ------------------------------------------------------------------ several adapters
-    def _registered_vectors(self) -> dict[str, nn.Parameter]:
-        return {k: self._parameters[k] for k in _VECTOR_NAMES if self._parameters.get(k) is not None}
+    # ------------------------------------------------------------------ adapters
+    @property
+    def _available_adapters(self) -> set[str]:
+        return set(self.vectorfit_sigma) | set(self.vectorfit_bias) | set(self.vectorfit_sigma_param)
 
-    def add_vectors(self, name: str, sigma_param: str = "absolute") -> dict[str, nn.Parameter]:
-        """Create the vectors of a new adapter ``name`` at their pre-trained values (not activated).
+    def _decompose(self, decompose: Optional[Callable[[], tuple]]) -> None:
+        """Replace the dense base weight by its factors (once per layer)."""
+        base = self.base_layer
+        w = matrix_of(base)
+        U, S, Vh = decompose() if decompose is not None else svd_fp32(w)
+        dtype, device = w.dtype, w.device
+        self.U = nn.Parameter(U.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        self.Vh = nn.Parameter(Vh.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        self.sigma0 = S.to(device=device, dtype=torch.float32).clone()
+        shape = tuple(base.weight.shape)
+        del base._parameters["weight"]
+        base.__dict__["weight"] = _placeholder(shape, self.U)
+        self.decomposed = True
 
-        Args:
-            name: the adapter's name.
-            sigma_param: ``"absolute"`` or ``"relative"``, as in the constructor.
-
-        Returns:
-            ``{parameter name: parameter}`` of the new adapter (trainable).
-        """
+    def update_layer(self, adapter_name: str, train_sigma: bool, train_bias: bool, sigma_param: str = "absolute",
+                     decompose: Optional[Callable[[], tuple]] = None, inference_mode: bool = False) -> None:
+        """Add adapter ``adapter_name``'s vectors at their pre-trained values (exact at init)."""
         if sigma_param not in ("absolute", "relative"):
-            raise ValueError(f"SVDLinear: sigma_param={sigma_param!r} is invalid; use 'absolute' or 'relative'")
-        vecs: dict[str, nn.Parameter] = {}
-        if self.train_sigma:
-            key = "sigma_delta" if sigma_param == "relative" else "sigma"
-            vecs[key] = nn.Parameter(torch.zeros_like(self.sigma0) if key == "sigma_delta" else self.sigma0.clone())
-        if self.train_bias:
-            vecs["bias"] = nn.Parameter(self.bias0.clone())
-        self._adapters[name] = vecs
-        return vecs
+            raise ValueError(f"VectorFitLayer: sigma_param={sigma_param!r} is invalid; use 'absolute' or 'relative'")
+        if train_sigma and not self.decomposed:
+            self._decompose(decompose)
+        device = self.bias0.device
+        if train_sigma:
+            init = torch.zeros_like(self.sigma0) if sigma_param == "relative" else self.sigma0.clone()
+            self.vectorfit_sigma[adapter_name] = nn.Parameter(init)
+        if train_bias:
+            self.vectorfit_bias[adapter_name] = nn.Parameter(self.bias0.clone().to(device))
+        self.vectorfit_sigma_param[adapter_name] = sigma_param
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def set_active(self, name: str) -> None:
-        """Register adapter ``name``'s vectors as this layer's parameters (a merged layer is re-merged
-        with them)."""
-        if name == self._active:
+    # ------------------------------------------------------------------ vectors
+    def sigma_of(self, adapter_name: str) -> Optional[Tensor]:
+        """The singular values adapter ``adapter_name`` computes with (``BASE``: ``s0``); ``None``
+        where it trains none here (then it computes with ``s0`` on a decomposed layer)."""
+        if adapter_name == BASE or adapter_name not in self.vectorfit_sigma:
+            return None
+        p = self.vectorfit_sigma[adapter_name]
+        return self.sigma0 * (1.0 + p) if self.vectorfit_sigma_param[adapter_name] == "relative" else p
+
+    def bias_of(self, adapter_name: str) -> Optional[Tensor]:
+        """The trained bias of ``adapter_name`` here, or ``None`` (then the base bias applies)."""
+        if adapter_name == BASE:
+            return None
+        return self.vectorfit_bias[adapter_name] if adapter_name in self.vectorfit_bias else None
+
+    def _base_bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def effective_vectors(self, adapter_names: list[str]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(s, b)`` of the sum of the given adapters' updates (``s`` ``None`` on a dense layer; ``b``
+        ``None`` when the base has no bias and no adapter trains one)."""
+        sig = [s for s in (self.sigma_of(a) for a in adapter_names) if s is not None]
+        bia = [b for b in (self.bias_of(a) for a in adapter_names) if b is not None]
+        if not self.decomposed:
+            s = None
+        elif len(sig) == 1:
+            s = sig[0]
+        else:
+            s = self.sigma0 + sum(x - self.sigma0 for x in sig) if sig else self.sigma0
+        if len(bia) == 1:
+            b = bia[0]
+        elif bia:
+            b = self.bias0 + sum(x - self.bias0 for x in bia)
+        else:
+            b = self._base_bias()
+        return s, b
+
+    def dense_weight(self, sigma: Optional[Tensor] = None) -> Tensor:
+        """``U diag(sigma) Vh`` (``d_out x d_in``; computed in float32, cast to the storage dtype);
+        ``sigma=None``: the pre-trained ``s0``. A dense layer returns its base matrix."""
+        if not self.decomposed:
+            return matrix_of(self.base_layer)
+        s = (self.sigma0 if sigma is None else sigma).detach().float()
+        return ((self.U.float() * s) @ self.Vh.float()).to(self.U.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """``U diag(s - s0) Vh`` of one adapter in float32 (zero where it trains no singular values)."""
+        s = self.sigma_of(adapter_name)
+        if s is None:
+            dev = self.bias0.device
+            return torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=dev)
+        return (self.U.float() * (s.detach() - self.sigma0)) @ self.Vh.float()
+
+    # ------------------------------------------------------------------ merge / unload
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the adapters' vectors into one dense weight (forward then costs one matmul)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
             return
-        was_merged = self.merged
-        self.unmerge()
-        for k in self._adapters[self._active]:
-            self._parameters.pop(k, None)
-        self._parameters.update(self._adapters[name])
-        self.__dict__["_active"] = name
-        if was_merged:
-            self.merge()
-
-    def drop_vectors(self, name: str) -> None:
-        """Forget adapter ``name`` (never the active one: activate another first)."""
-        if name == self._active:
-            raise ValueError(f"cannot drop the active adapter {name!r} of a layer; activate another one first")
-        self._adapters.pop(name, None)
-
-    def effective_vectors(self, name: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """``(sigma, bias)`` that adapter ``name`` computes with (``BASE``: the pre-trained ones);
-        ``sigma`` is ``None`` for a bias-only layer."""
-        if name == BASE:
-            return (self.sigma0 if self.train_sigma else None), self.current_bias(original=True)
-        vecs = self._adapters[name]
-        s = self.sigma0 * (1.0 + vecs["sigma_delta"]) if "sigma_delta" in vecs else vecs.get("sigma")
-        return s, vecs.get("bias", self.bias)
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        # .to()/.half()/.cuda() reach registered parameters only: move the waiting adapters too,
-        # keeping their Parameter objects (an optimizer may hold them), as torch does by default.
-        out = super()._apply(fn, recurse)
-        self._adapters[self._active] = self._registered_vectors()  # torch may have made new objects
+        names = self.merged_adapters + adapter_names
         with torch.no_grad():
-            for name, vecs in self._adapters.items():
-                if name != self._active:
-                    for p in vecs.values():
-                        p.data = fn(p.data)
+            s, b = self.effective_vectors(names)
+            w = self.dense_weight(s) if s is not None else None
+            if safe_merge and ((w is not None and not torch.isfinite(w).all()) or (b is not None and not torch.isfinite(b).all())):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter(s) {adapter_names} seem to be broken")
+            self._merged_weight = w
+            self._merged_bias = b.detach().clone() if b is not None else None
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """Back to the factorised form (merging never changed the trained vectors)."""
+        self._merged_weight = None
+        self._merged_bias = None
+        self.merged_adapters = []
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]) -> nn.Module:
+        """The base layer again, holding the merged weight and bias (``merge``) or the original ones.
+
+        A decomposed weight is rebuilt as ``U diag(s) Vh`` in float32: equal to the original to
+        float32 round-off (about 1e-7 relative), not bit for bit. A bias trained on a layer that had
+        none is kept by a merge (the tuner then sets the model config's bias flags).
+        """
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            s, b = self.effective_vectors(self.merged_adapters) if self.merged_adapters else (None, self._base_bias())
+        else:
+            s, b = None, self._base_bias()
+        base = self.base_layer
+        with torch.no_grad():
+            if self.decomposed:
+                w = self.dense_weight(s if merge else None)
+                base.__dict__.pop("weight", None)
+                base.weight = nn.Parameter((w.t() if self.conv1d else w).contiguous(), requires_grad=False)
+            if merge and b is not None and b is not base.bias:
+                dtype = base.weight.dtype
+                base.bias = nn.Parameter(b.detach().to(dtype).clone(), requires_grad=False)
+        return base
+
+    # ------------------------------------------------------------------ device moves
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to()/.half() would materialise the expanded placeholder as a full weight: keep it out of
+        # the move and make a new one that follows U.
+        placeholder = self.base_layer.__dict__.pop("weight", None) if self.decomposed else None
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            if placeholder is not None:
+                ref = self.U if self.U is not None else placeholder
+                self.base_layer.__dict__["weight"] = _placeholder(tuple(placeholder.shape), ref)
         return out
 
-    # ------------------------------------------------------------------ parameterisation
-    def __getattr__(self, name: str):  # type: ignore[override]
-        # Only reached when normal lookup fails; with sigma_param="relative" there is no `sigma`
-        # parameter, and `layer.sigma` is the effective (differentiable) s0 * (1 + z).
-        if name == "sigma":
-            params = self.__dict__.get("_parameters", {})
-            if "sigma_delta" in params:
-                return self.sigma0 * (1.0 + params["sigma_delta"])
-        return super().__getattr__(name)
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            return self._base_forward(x)
+        if self.merged:
+            w = self._merged_weight if self._merged_weight is not None else matrix_of(self.base_layer)
+            b = self._merged_bias
+            return F.linear(x, w, b.to(x.dtype) if b is not None else None)
+        if adapter_names is not None:
+            return self._mixed_forward(x, adapter_names)
+        active = self.active_adapters
+        if len(active) == 1:
+            # The common case, read from the module dicts directly: generation runs this once per layer
+            # and token, where each nn.Module attribute lookup is a measurable share of a tiny GEMV.
+            a = active[0]
+            sig, bia = self.vectorfit_sigma._parameters, self.vectorfit_bias._parameters
+            p = sig.get(a)
+            if p is not None and self.vectorfit_sigma_param.get(a) == "relative":
+                p = self._relative_sigma(a, p)
+            b = bia.get(a)
+            if b is None:
+                b = self.base_layer.bias
+        else:
+            p, b = self.effective_vectors(active)
+        if not self.decomposed:
+            return F.linear(x, matrix_of(self.base_layer), b.to(x.dtype) if b is not None else None)
+        if p is None:
+            p = self.sigma0
+        return svd_linear(x, self.U, self.Vh, p, b, owner=self)
 
-    @property
-    def relative_sigma(self) -> bool:
-        return "sigma_delta" in self._parameters
-
-    def trained_attr(self, attr: str) -> str:
-        """The name of the parameter that trains vector ``attr`` (``"sigma"`` or ``"bias"``)."""
-        return "sigma_delta" if attr == "sigma" and self.relative_sigma else attr
-
-    def _forward_sigma(self) -> Tensor:
-        """The singular values for a forward pass. With the relative form and no gradient needed,
-        one tensor is kept and updated in place, so the inference cache of the rebuilt weight
-        (keyed by the tensor and matched by value, see functional.py) serves repeated calls."""
-        if not self.relative_sigma:
-            return self.sigma
-        z = self._parameters["sigma_delta"]
+    def _relative_sigma(self, adapter_name: str, z: Tensor) -> Tensor:
+        """``s0 (1 + z)``. Without a gradient one tensor is kept and updated in place, so the
+        inference cache of the rebuilt weight (keyed by that tensor, matched by value; see
+        functional.py) serves repeated calls."""
         if torch.is_grad_enabled() and z.requires_grad:
             return self.sigma0 * (1.0 + z)
-        # (z it was computed from, s): an unchanged z (compared by value, like sigma in
-        # functional.py) costs one comparison per call instead of recomputing s and comparing it.
         kept = self.__dict__.get("_sigma_eval")
-        fits = (kept is not None and kept[0].shape == z.shape and kept[0].dtype == z.dtype
-                and kept[0].device == z.device)  # s follows from z and the frozen sigma0
-        if fits and torch.equal(kept[0], z):
-            return kept[1]
+        fits = (kept is not None and kept[0] == adapter_name and kept[1].shape == z.shape
+                and kept[1].dtype == z.dtype and kept[1].device == z.device)
+        if fits and torch.equal(kept[1], z):
+            return kept[2]
         with torch.no_grad():
             s = self.sigma0 * (1.0 + z)
             if not fits:
-                object.__setattr__(self, "_sigma_eval", (z.detach().clone(), s))
+                self.__dict__["_sigma_eval"] = (adapter_name, z.detach().clone(), s)
                 return s
-            kept[0].copy_(z)
-            kept[1].copy_(s)  # the same tensor: the cached W stays keyed to it
-            return kept[1]
+            kept[1].copy_(z)
+            kept[2].copy_(s)
+            return kept[2]
 
-    # ------------------------------------------------------------------ weights
-    def dense_weight(self, original: bool = False) -> Tensor:
-        """The effective ``d_out x d_in`` weight (computed in float32, cast to the storage dtype).
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """The pre-trained layer (``disable_adapter``): ``U diag(s0) Vh x + b0``, or the dense base."""
+        b = self._base_bias()
+        b = b.to(x.dtype) if b is not None else None
+        if not self.decomposed:
+            return F.linear(x, matrix_of(self.base_layer), b)
+        return F.linear(F.linear(x, self.Vh) * self.sigma0.to(x.dtype), self.U, b)
 
-        Args:
-            original: use the singular values before fine-tuning instead of the current ones.
-        """
-        if self.sigma is None:
-            return self.weight
-        s = self.sigma0 if original else self.sigma
-        w = (self.U.to(torch.float32) * s.detach().to(torch.float32)) @ self.Vh.to(torch.float32)
-        return w.to(self.U.dtype)
-
-    def current_bias(self, original: bool = False) -> Optional[Tensor]:
-        if original and self.bias0 is not None:
-            return self.bias0
-        return self.bias
-
-    def delta_weight(self) -> Tensor:
-        """``W_final - W_init = U diag(sigma - sigma0) Vh`` in float32 (zero in bias-only mode)."""
-        if self.sigma is None:
-            return torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
-        return (self.U.to(torch.float32) * (self.sigma.detach() - self.sigma0)) @ self.Vh.to(torch.float32)
-
-    # ------------------------------------------------------------------ merge
-    def merge(self) -> None:
-        """Fold the trained singular values into one dense weight; forward then costs one matmul.
-        Merging twice is a no-op."""
-        if self.merged or self.sigma is None:
-            self.merged = True
-            return
-        self.register_buffer("merged_weight", self.dense_weight(), persistent=False)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Back to the factorised form (the trained vectors were never changed by merging)."""
-        if self.merged and self.sigma is not None:
-            del self.merged_weight
-        self.merged = False
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
-        disabled = self.disabled
-        if self._rows is not None and not disabled:
-            return self._mixed_forward(x)
-        if self.train_sigma and not disabled and not self.merged:
-            # The fast path (custom autograd, factorised or dense per call; a cached W when no
-            # gradient is needed): see functional.py. The tensors are read from the module's dicts:
-            # generation runs this once per layer and token, where each nn.Module attribute lookup
-            # (two Python frames through __getattr__) is a measurable share of a one-token GEMV.
-            # (FSDP's prepare_fsdp turns U, Vh into frozen parameters: then the usual lookup.)
-            params, buffers = self._parameters, self._buffers
-            s = params["sigma"] if "sigma" in params else self._forward_sigma()
-            bias = params["bias"] if "bias" in params else buffers["bias"] if "bias" in buffers else self.bias
-            U = buffers["U"] if "U" in buffers else self.U
-            Vh = buffers["Vh"] if "Vh" in buffers else self.Vh
-            return svd_linear(x, U, Vh, s, bias, owner=self)
-        bias = self.current_bias(original=disabled)
-        if bias is not None:
-            bias = bias.to(x.dtype)
-        if not self.train_sigma:
-            return F.linear(x, self.weight, bias)
-        if self.merged and not disabled:
-            return F.linear(x, self.merged_weight, bias)
-        s = self.sigma0.to(x.dtype)
-        # Two thin matmuls with the original singular values.
-        return F.linear(F.linear(x, self.Vh) * s, self.U, bias)
-
-    def _mixed_forward(self, x: Tensor) -> Tensor:
+    def _mixed_forward(self, x: Tensor, adapter_names: list[str]) -> Tensor:
         """One pass over a batch whose rows use different adapters: ``y_i = U (s_a(i) * Vh x_i) + b_a(i)``."""
-        names, index = self._rows
+        names = list(dict.fromkeys(adapter_names))
+        index = torch.tensor([names.index(n) for n in adapter_names], device=x.device)
         if x.dim() < 2 or x.shape[0] % index.numel():
             raise ValueError(
                 f"mixed-adapter batch: this layer got input of shape {tuple(x.shape)}, whose first dimension is not a "
                 f"multiple of the {index.numel()} adapter_names given (one name per row of the batch)"
             )
         # generate() may repeat each row (beams, num_return_sequences) with repeat_interleave.
-        index = index.to(x.device).repeat_interleave(x.shape[0] // index.numel())
-        pairs = [self.effective_vectors(n) for n in names]
+        index = index.repeat_interleave(x.shape[0] // index.numel())
+        pairs = [self.effective_vectors([n]) if n != BASE else (self.sigma0, self._base_bias()) for n in names]
         biases = [b for _, b in pairs]
-        B = torch.stack([b.to(torch.float32) for b in biases]) if biases[0] is not None else None
-        if not self.train_sigma:
-            return mixed_rows_linear(x, index, B, W=self.weight)
-        S = torch.stack([s.to(torch.float32) for s, _ in pairs])
+        if any(b is not None for b in biases):
+            B = torch.stack([(b if b is not None else torch.zeros_like(self.bias0)).float() for b in biases])
+        else:
+            B = None
+        if not self.decomposed:
+            return mixed_rows_linear(x, index, B, W=matrix_of(self.base_layer))
+        S = torch.stack([s.float() for s, _ in pairs])
         return mixed_rows_linear(x, index, B, U=self.U, Vh=self.Vh, S=S)
 
     def extra_repr(self) -> str:
-        mode = "sigma+bias" if self.train_sigma and self.train_bias else "sigma" if self.train_sigma else "bias"
-        rel = ", sigma=relative" if self.relative_sigma else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, trains={mode}{rel}, merged={self.merged}"
+        mode = "decomposed" if self.decomposed else "dense (bias only)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {mode}, merged={self.merged}"

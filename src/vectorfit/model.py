@@ -1,442 +1,414 @@
-"""``VectorFitModel``: injects VectorFit layers into a model, and saves, loads, merges and disables them.
+"""``VectorFitModel``: VectorFit's peft tuner (what ``LoraModel`` is to LoRA).
 
-The wrapper follows peft's ``PeftModel`` closely so that code written for peft reads the same:
-``get_vectorfit_model(base, config)``, ``print_trainable_parameters()``, ``save_pretrained``,
-``from_pretrained``, ``merge_and_unload``, ``disable_adapter``. Attribute access falls through to
-the base model (``model.config`` is the base model's config).
+``peft.get_peft_model(model, VectorFitConfig(...))`` builds a ``peft.PeftModel`` whose
+``base_model`` is this tuner; :func:`get_vectorfit_model` is the same call. Everything peft does
+for its own methods -- ``save_pretrained`` / ``PeftModel.from_pretrained`` / ``AutoPeftModel*``,
+``load_adapter``, ``set_adapter``, ``delete_adapter``, ``disable_adapter``, ``merge_and_unload``,
+``unload``, mixed batches (``adapter_names=``) -- works through peft's own code paths, and the
+tuner adds what is VectorFit's:
+
+* the targets and their roles (attention / MLP, which the variants need) are resolved by
+  :mod:`vectorfit.targets` before injection; an adapter being loaded is matched by the exact
+  module names it recorded, never by re-running a stored pattern;
+* one SVD per matrix, from the on-disk cache, made on rank 0 under ``torch.distributed``;
+* the record of the base model an adapter depends on (fingerprints of the target matrices and of
+  every other base tensor, a sketch of each trained weight), written into ``adapter_config.json``
+  at save and checked at load *before* any SVD, so a wrong base fails in milliseconds;
+* Adaptive Vector Freezing: one controller per adapter (``model.avf``), whose state is saved in
+  ``adapter_model.safetensors`` beside the vectors.
+
+Further operations (weighted adapters, hot-swap, mixed-batch generation, the old ``from_pretrained``
+name) are in :mod:`vectorfit.adapters`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
-from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+import re
+from typing import Any, Iterator, Optional
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from . import adapter_io, base_check, distributed, merge_compat, tasks
+from . import base_check, distributed, merge_compat, tasks
+from .adapters import AdaptersMixin
 from .avf import AdaptiveVectorFreezing, training_strength
 from .cache import SVDCache, fingerprint
-from .config import ConfigError, VectorFitConfig
-from .layer import SVDLinear
+from .config import VectorFitConfig
+from .errors import AdapterError, ConfigError
+from .layer import VectorFitLayer, is_conv1d, matrix_of
 from .notices import warn
-from .progress import progress_enabled, svd_progress
-from .targets import find_targets, is_conv1d
-from .adapters import AdaptersMixin, ModulesToSaveWrapper
-from .unsupported import UnsupportedMethodsMixin
+from .progress import progress_enabled, svd_bar
+from .targets import find_targets, is_linear_like
 
 logger = logging.getLogger(__name__)
 
-
-def _matrix_of(module: nn.Module) -> torch.Tensor:
-    """The ``d_out x d_in`` matrix of a Linear or (transposed) Conv1D."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+_AVF = "vectorfit_avf"  # the tuner's ModuleDict of AVF controllers, by adapter name
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> list[str]:
-    """Put ``new`` at ``name`` and at every other name the same module object is registered under
-    (a layer shared by two parents stays shared; replacing it under one name only would leave the
-    other path computing with the old layer). Returns all those names."""
-    old = root.get_submodule(name)
-    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
-    for n in names:
-        parent_name, _, child = n.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-    return names
+def _aliases(root: nn.Module, module: nn.Module) -> list[str]:
+    return [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
 
 
-def _plain_layer(info: dict, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
-    """A frozen ``nn.Linear`` (or the target's ``Conv1D`` class) holding ``weight`` (``d_out x d_in``)
-    and ``bias``, in the weight's dtype and device."""
-    d_out, d_in = weight.shape
-    if info["conv1d"]:
-        new = info["module_class"](d_out, d_in)  # Conv1D(nf=d_out, nx=d_in) stores d_in x d_out
-        new.weight = nn.Parameter(weight.t().contiguous().clone())
-        new.bias = nn.Parameter(bias.detach().to(weight.dtype).clone()) if bias is not None else None
-    else:
-        new = nn.Linear(d_in, d_out, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.detach().to(weight.dtype))
-    return new.requires_grad_(False)
+def _set_at(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-class VectorFitModel(AdaptersMixin, UnsupportedMethodsMixin, nn.Module):
-    """A base model with VectorFit layers in place of its target matrices.
+class VectorFitModel(AdaptersMixin, BaseTuner):
+    """peft tuner for VectorFit. Build it through ``peft.get_peft_model`` / :func:`get_vectorfit_model`
+    or ``PeftModel.from_pretrained``; its methods are reachable on the ``PeftModel`` too
+    (``peft_model.avf``, ``peft_model.vectorfit_layers()``, ...)."""
 
-    Build it with :func:`get_vectorfit_model` or :meth:`from_pretrained`.
+    prefix: str = "vectorfit_"
+    tuner_layer_cls = VectorFitLayer
+    target_module_mapping: dict = {}  # the defaults are vectorfit.targets.ARCHITECTURES (with roles)
 
-    Args:
-        model: the base model; modified in place (its target layers are replaced).
-        config: what to adapt.
-        fingerprints: known fingerprints of target weights (skips hashing them again).
-        adapter_name: the name of this first adapter (more: :meth:`add_adapter`, :meth:`load_adapter`).
-    """
+    # ------------------------------------------------------------------ injection
+    def _state(self) -> dict:
+        # BaseTuner.__init__ injects the first adapter before a subclass __init__ could set anything.
+        st = self.__dict__.get("_vf")
+        if st is None:
+            st = self.__dict__["_vf"] = {"records": {}, "pending": {}, "bar": None, "new_params": None, "cache": None,
+                                         "shared": False}
+            self.add_module(_AVF, nn.ModuleDict())
+        return st
 
-    def __init__(self, model: nn.Module, config: VectorFitConfig, fingerprints: Optional[dict] = None,
-                 adapter_name: str = "default") -> None:
-        super().__init__()
-        if isinstance(model, VectorFitModel):
-            raise ConfigError("the model already has VectorFit layers; pass its base model (model.get_base_model())")
-        config = tasks.apply_task_type(model, config)  # peft's task_type: add the task head to modules_to_save
-        new_params = tasks.newly_initialised_parameters(model)  # before wrapping changes the parameters
-        self.base_model = model
-        self.vectorfit_config = config
-        self._targets: dict[str, dict[str, Any]] = {}
-        self._base_param_count = sum(p.numel() for p in model.parameters())
-        self.svd_cache = SVDCache(config.cache_dir, enabled=config.svd_cache)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self._factors_shared = distributed.begin_decomposition()  # rank 0's factors on every rank?
-        self._inject(fingerprints or {}, adapter_name)
-        self._wrap_modules_to_save(adapter_name)
-        tasks.warn_frozen_new_parameters(new_params, [*self._targets, *self._modules_to_save], type(model).__name__)
-        vectors = [(f"{n}.{a}", layer, a) for n, layer in self.vectorfit_layers() for a in ("sigma", "bias") if self._trains(layer, a)]
-        self.avf = AdaptiveVectorFreezing(vectors, config.avf) if config.uses_avf else None
-        self._init_adapters(adapter_name)
+    def _prepare_adapter_config(self, peft_config: VectorFitConfig, model_config: dict) -> VectorFitConfig:
+        return peft_config  # targets are resolved in _pre_injection_hook, with their roles
 
-    # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _trains(layer: SVDLinear, attr: str) -> bool:
-        return layer.train_sigma if attr == "sigma" else layer.train_bias
-
-    def _inject(self, fingerprints: dict, adapter_name: str) -> None:
-        cfg = self.vectorfit_config
-        targets = list(find_targets(self.base_model, cfg.target_modules, cfg.exclude_modules, skip=cfg.modules_to_save))
-        for name, module, role in svd_progress(targets, len(targets), progress_enabled(cfg.progress) and distributed.is_main_process()):
-            train_sigma = role in cfg.sigma_roles
-            train_bias = role in cfg.bias_roles
-            if not (train_sigma or train_bias):
-                continue  # e.g. f1/f2 in sigma_attn: left exactly as they are
-            matrix = _matrix_of(module)
-            fp = fingerprints.get(name) or fingerprint(matrix)
-            # Under torch.distributed, rank 0 decomposes and broadcasts (distributed.py says why).
-            svd = distributed.decompose(self.svd_cache, matrix, fp, name) if train_sigma else None
-            layer = SVDLinear(matrix, module.bias, train_sigma, train_bias, svd=svd, sigma_param=cfg.sigma_param, adapter_name=adapter_name)
-            aliases = _set_submodule(self.base_model, name, layer)
-            if len(aliases) > 1:
-                warn(f"module {name!r} is also registered as {[a for a in aliases if a != name]} (the same layer object): "
-                     "it is adapted once and the adapted layer serves every name")
-            self._targets[name] = {
-                "role": role,
-                "shape": list(matrix.shape),
-                "fingerprint": fp,
-                "conv1d": is_conv1d(module),
-                "module_class": type(module),
-                "sigma": train_sigma,
-                "bias": train_bias,
-                "had_bias": module.bias is not None,
-                "dtype": base_check.dtype_name(matrix.dtype),
-            }
-        if not self._targets:
-            raise ConfigError(
-                f"variant {cfg.variant!r} trains nothing on the selected targets {[n for n, _, _ in targets][:6]}...: "
-                "its roles (attention/MLP) do not occur among them; widen target_modules or pick another variant"
-            )
-
-    def _wrap_modules_to_save(self, adapter_name: str) -> None:
-        self._modules_to_save: list[str] = []
-        for entry in self.vectorfit_config.modules_to_save or []:
-            names = [n for n, _ in self.base_model.named_modules() if n and (n == entry or n.endswith("." + entry))]
-            names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-            if not names:
-                raise ConfigError(
-                    f"VectorFitConfig.modules_to_save entry {entry!r} matches no module of this "
-                    f"{type(self.base_model).__name__}; top-level modules are "
-                    f"{[n for n, _ in self.base_model.named_children()]}"
-                )
-            for name in names:
-                _set_submodule(self.base_model, name, ModulesToSaveWrapper(self.base_model.get_submodule(name), adapter_name))
-                self._modules_to_save.append(name)
-
-    # ------------------------------------------------------------------ basics
-    def forward(self, *args: Any, adapter_names: Optional[list] = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``adapter_names`` (one adapter name or ``"__base__"`` per batch
-        row) runs each row with its own adapter in the same pass."""
-        if adapter_names is None:
-            return self.base_model(*args, **kwargs)
-        with self._mixed(adapter_names, args, kwargs):
-            return self.base_model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # peft calls inject_adapter for the first adapter (from BaseTuner.__init__) and for every later
+        # one (PeftModel.add_adapter / load_adapter), but its pre/post-injection hooks only for the first.
+        config = self.peft_config[adapter_name]
+        self._before_injection(model, config, adapter_name)
         try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._close_bar()
+        self._after_injection(model, config, adapter_name)
+
+    def _before_injection(self, model: nn.Module, config: VectorFitConfig, adapter_name: str) -> None:
+        st = self._state()
+        if not isinstance(config, VectorFitConfig):
+            raise ConfigError(f"a VectorFit model takes VectorFitConfig adapters, got {type(config).__name__}")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or adapter_name == "__base__":
+            raise ValueError(f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' "
+                             "('__base__' names the base model in mixed batches)")
+        existing = {n: m for n, m in model.named_modules() if isinstance(m, VectorFitLayer)}
+        if config.targets is not None:  # an adapter being loaded: check the base before any SVD
+            roles, fps = self._check_record(model, config, existing)
+        else:
+            tasks.check_task_heads(model, config)
+            roles = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules,
+                                                            skip=config.modules_to_save)}
+            fps = {}
+        trained = [n for n, r in roles.items() if r in config.sigma_roles or r in config.bias_roles]
+        if not trained:
+            raise ConfigError(
+                f"variant {config.variant!r} trains nothing on the selected targets {list(roles)[:6]}...: "
+                "its roles (attention/MLP) do not occur among them; widen target_modules or pick another variant")
+        if not existing:
+            st["new_params"] = tasks.newly_initialised_parameters(model)  # before wrapping changes the parameters
+            st["shared"] = distributed.begin_decomposition()  # rank 0's factors on every rank?
+        st["pending"], st["fps"] = roles, fps
+        st["cache"] = SVDCache(config.cache_dir, enabled=config.svd_cache)
+        st["records"][adapter_name] = {}
+        st["bar"] = svd_bar(len(trained), progress_enabled(config.progress) and distributed.is_main_process())
+
+    def _check_record(self, model: nn.Module, config: VectorFitConfig, existing: dict) -> tuple[dict, dict]:
+        """Verify a loaded adapter's record against ``model``; returns ``(roles, fingerprints)``."""
+        saved = config.targets
+        found, fps = {}, {}
+        for name, info in saved.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+            if isinstance(module, VectorFitLayer):
+                if module.fingerprint != info["fingerprint"] or [module.out_features, module.in_features] != info["shape"]:
+                    raise AdapterError(f"the adapter does not fit this model at target {name!r}: it was trained on other "
+                                       "weights there (fingerprint mismatch); load it onto the same pretrained model")
+                fps[name] = module.fingerprint
+            elif module is None or not is_linear_like(module):
+                raise AdapterError(
+                    f"the base model has no {'module' if module is None else 'Linear/Conv1D module'} {name!r} that the adapter "
+                    f"was trained on (adapter base class: {config.base_model_class}, this model: {type(model).__name__})")
+            else:
+                found[name] = matrix_of(module)
+        fps.update(base_check.check_targets(found, saved, "the adapter being loaded"))
+        if config.base_tensors is not None:
+            other = base_check.other_tensors_of(model, saved, config.modules_to_save or [])
+            base_check.enforce_other_tensors(other, config.base_tensors, "the adapter being loaded", base_check.mode(config.check_base))
+        return {n: info.get("role", "attn") for n, info in saved.items()}, fps
+
+    def _check_target_module_exists(self, peft_config: VectorFitConfig, key: str) -> bool:  # type: ignore[override]
+        return key in self._state()["pending"]
+
+    def _create_and_replace(self, peft_config: VectorFitConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **_: Any) -> None:
+        st = self._state()
+        role = st["pending"][current_key]
+        train_sigma, train_bias = role in peft_config.sigma_roles, role in peft_config.bias_roles
+        if peft_config.targets is not None:  # loading: the record says which vectors exist
+            rec = peft_config.targets[current_key]
+            train_sigma, train_bias = rec["sigma"], rec["bias"]
+        if not (train_sigma or train_bias):
+            return  # e.g. f1/f2 in sigma_attn: left exactly as they are
+        layer = target if isinstance(target, VectorFitLayer) else None
+        matrix = matrix_of(target.base_layer if layer is not None else target)
+        fp = layer.fingerprint if layer is not None else (st["fps"].get(current_key) or fingerprint(matrix))
+        cache = st["cache"]
+
+        def decompose() -> tuple:
+            # Under torch.distributed, rank 0 decomposes and broadcasts (distributed.py says why).
+            return distributed.decompose(cache, matrix, fp, current_key)
+
+        if layer is not None:
+            layer.update_layer(adapter_name, train_sigma, train_bias, peft_config.sigma_param, decompose,
+                               inference_mode=peft_config.inference_mode)
+        else:
+            names = _aliases(self.model, target)
+            layer = VectorFitLayer(target, adapter_name, train_sigma, train_bias, peft_config.sigma_param, decompose)
+            layer.fingerprint, layer.role = fp, role
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)  # an additional adapter is not trainable until activated
+            self._replace_module(parent, target_name, layer, target)
+            if len(names) > 1:
+                for n in names:
+                    _set_at(self.model, n, layer)
+                warn(f"module {current_key!r} is also registered as {[n for n in names if n != current_key]} (the same layer "
+                     "object): it is adapted once and the adapted layer serves every name")
+        layer.vectorfit_shared_factors = st["shared"]
+        st["records"][adapter_name][current_key] = {
+            "role": role, "shape": [layer.out_features, layer.in_features], "fingerprint": fp, "conv1d": layer.conv1d,
+            "sigma": train_sigma, "bias": train_bias, "had_bias": layer.had_bias,
+            "dtype": base_check.dtype_name(matrix.dtype),
+        }
+        if st["bar"] is not None:
+            st["bar"].update(1)
+
+    def _close_bar(self) -> None:
+        st = self._state()
+        if st["bar"] is not None:
+            st["bar"].close()
+            st["bar"] = None
+        st["pending"] = {}
+
+    def _after_injection(self, model: nn.Module, config: VectorFitConfig, adapter_name: str) -> None:
+        st = self._state()
+        if st["new_params"]:
+            saved = [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+            tasks.warn_frozen_new_parameters(st["new_params"], [*st["records"][adapter_name], *saved], type(model).__name__)
+            st["new_params"] = None
+        if config.uses_avf:
+            vectors = self.vector_list(adapter_name)
+            self._modules[_AVF][adapter_name] = AdaptiveVectorFreezing(vectors, config.avf, adapter_name).to(self._device())
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_path: Any, is_trainable: bool = False, check_base: str = "error",
+                        adapter_name: str = "default", **kwargs: Any) -> Any:
+        """``peft.PeftModel.from_pretrained(model, adapter_path, ...)`` (kept from vectorfit 0.1, whose
+        wrapper had this name). An adapter folder written by vectorfit 0.1 is converted on the fly
+        (``vectorfit convert`` does it once, on disk).
+
+        Args:
+            model: the base model the adapter was trained on (checked by fingerprints before any SVD).
+            adapter_path: folder written by ``save_pretrained``.
+            is_trainable: keep the vectors trainable (to continue training); otherwise they are frozen.
+            check_base: ``"error"`` refuses a base whose tensors outside the adapted matrices differ
+                from the training model's; ``"warn"`` loads it with a warning.
+            adapter_name: the name the adapter gets here.
+            kwargs: passed to ``PeftModel.from_pretrained`` (e.g. ``svd_cache=False``).
+        """
+        from peft import PeftModel
+
+        from .legacy import convert_legacy_adapter, is_legacy_adapter
+
+        if check_base not in ("error", "warn"):
+            raise ConfigError(f"check_base={check_base!r} is invalid: use 'error' (refuse a differing base) or 'warn'")
+        if is_legacy_adapter(adapter_path):
+            import tempfile
+
+            logger.warning("%s is a vectorfit 0.1 adapter: converting it to peft's layout in memory "
+                           "(`vectorfit convert %s NEW` does it once, on disk)", adapter_path, adapter_path)
+            with tempfile.TemporaryDirectory() as tmp:
+                converted = convert_legacy_adapter(adapter_path, tmp)
+                return PeftModel.from_pretrained(model, str(converted), adapter_name=adapter_name, is_trainable=is_trainable,
+                                                 check_base=check_base, **kwargs)
+        return PeftModel.from_pretrained(model, str(adapter_path), adapter_name=adapter_name, is_trainable=is_trainable,
+                                         check_base=check_base, **kwargs)
+
+    # ------------------------------------------------------------------ views
+    def vectorfit_layers(self) -> Iterator[tuple[str, VectorFitLayer]]:
+        """``(name, layer)`` for every VectorFit layer, in model order (names relative to the base model)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, VectorFitLayer):
+                yield name, module
+
+    def vector_list(self, adapter_name: Optional[str] = None) -> list[tuple[str, VectorFitLayer, str]]:
+        """``(name, layer, kind)`` of every vector adapter ``adapter_name`` trains (default: the
+        active one), in model order; ``name`` is ``<module>.sigma`` or ``<module>.bias``."""
+        a = adapter_name or self.active_adapters[0]
+        return [(f"{n}.{k}", layer, k) for n, layer in self.vectorfit_layers() for k, d in
+                (("sigma", layer.vectorfit_sigma), ("bias", layer.vectorfit_bias)) if a in d]
+
+    def trainable_vectors(self, adapter_name: Optional[str] = None) -> dict[str, nn.Parameter]:
+        """The trained vectors by name (``<module>.sigma``, ``<module>.bias``) of an adapter (default:
+        the active one). With ``sigma_param="relative"`` the ``sigma`` entry is the parameter ``z``."""
+        a = adapter_name or self.active_adapters[0]
+        return {name: (layer.vectorfit_sigma if k == "sigma" else layer.vectorfit_bias)[a] for name, layer, k in self.vector_list(a)}
+
+    @torch.no_grad()
+    def training_strengths(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+        """``mean(|v_0 - v_t|)`` per trained vector (the quantity AVF ranks), by vector name."""
+        a = adapter_name or self.active_adapters[0]
+        return {name: float(training_strength(layer, k, a)) for name, layer, k in self.vector_list(a)}
+
+    @property
+    def avf(self) -> Optional[AdaptiveVectorFreezing]:
+        """The active adapter's AVF controller (``None`` for variants without AVF). In a plain loop:
+        ``loss.backward(); model.avf.step(global_step); optimizer.step()``."""
+        avfs = self._modules.get(_AVF)
+        return avfs[self.active_adapters[0]] if avfs is not None and self.active_adapters and self.active_adapters[0] in avfs else None
+
+    @property
+    def vectorfit_config(self) -> VectorFitConfig:
+        """The active adapter's config."""
+        return self.peft_config[self.active_adapters[0]]
+
+    def _device(self) -> torch.device:
+        layer = next((m for _, m in self.vectorfit_layers()), None)
+        return layer.bias0.device if layer is not None else torch.device("cpu")
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        # Read by DistributedDataParallel at construction: it then does not re-broadcast the frozen
-        # U/Vh/sigma0 buffers before every forward pass (see distributed.py), whatever broadcast_buffers.
-        # Only when the factors came from rank 0: otherwise DDP's initial sync must equalise them.
-        frozen = distributed.ddp_ignored_buffer_names(self) if self.__dict__.get("_factors_shared") else []
-        return frozen + list(self.__dict__.get("_ddp_extra_ignored", []))
+        # Read by DistributedDataParallel at construction (through the PeftModel): when rank 0's factors
+        # were broadcast at set-up, DDP's own initial sync of U/Vh/sigma0 (model-sized) is redundant.
+        names = distributed.ddp_ignored_names(self.model)
+        out = [f"base_model.model.{n}" for n in names] + [f"model.{n}" for n in names]
+        return out + list(self.__dict__.get("_ddp_extra_ignored", []))
 
     @_ddp_params_and_buffers_to_ignore.setter
     def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:
-        # DDP._set_params_and_buffers_to_ignore_for_model(model, names) assigns the attribute.
         self.__dict__["_ddp_extra_ignored"] = list(names)
 
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
-    def vectorfit_layers(self) -> Iterator[tuple[str, SVDLinear]]:
-        """``(name, layer)`` for every VectorFit layer, in model order."""
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, SVDLinear):
-                yield name, module
-
-    def trainable_vectors(self) -> dict[str, nn.Parameter]:
-        """The trained parameters by name: ``<module>.sigma`` (``<module>.sigma_delta`` with
-        ``sigma_param="relative"``) and ``<module>.bias``."""
-        return {f"{n}.{layer.trained_attr(a)}": getattr(layer, layer.trained_attr(a))
-                for n, layer in self.vectorfit_layers() for a in ("sigma", "bias") if self._trains(layer, a)}
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)``: trainable counts the vectors and the saved heads; total is the base
-        model's parameter count plus the parameters VectorFit added (singular values, new biases)."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        added = sum(
-            (layer.sigma.numel() if layer.sigma is not None else 0) + (layer.out_features if layer.train_bias and not layer.had_bias else 0)
-            for _, layer in self.vectorfit_layers()
-        )
-        return trainable, self._base_param_count + added
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        vectors = sum(p.numel() for p in self.trainable_vectors().values())
-        print(
-            f"trainable params: {trainable:,} (vectors: {vectors:,}, heads: {trainable - vectors:,}) || "
-            f"all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-        )
-
-    # ------------------------------------------------------------------ merge / disable
+    # ------------------------------------------------------------------ merge / unload / delete
     def merge(self) -> None:
-        """Fold the trained vectors into dense weights in place (idempotent); see :meth:`unmerge`."""
-        for _, layer in self.vectorfit_layers():
-            layer.merge()
+        """Fold the active adapter into dense weights in place (peft's ``merge_adapter``)."""
+        self.merge_adapter()
 
     def unmerge(self) -> None:
-        for _, layer in self.vectorfit_layers():
-            layer.unmerge()
+        """Undo :meth:`merge` (peft's ``unmerge_adapter``)."""
+        self.unmerge_adapter()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Return the base model with plain ``nn.Linear`` / ``Conv1D`` layers holding the merged
-        weights and the trained heads: same outputs, no VectorFit module left, no overhead.
-
-        A bias trained on a layer that had none is kept; the config's bias flags are set so that
-        ``save_pretrained`` -> ``from_pretrained`` reloads it (a warning names layers no flag can
-        describe, e.g. Mistral's or T5's); see :mod:`vectorfit.merge_compat`."""
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> nn.Module:
         added = []
-        for name, layer in list(self.vectorfit_layers()):
-            with torch.no_grad():
-                new = _plain_layer(self._targets[name], layer.dense_weight(), layer.bias)
-            _set_submodule(self.base_model, name, new)
-            if layer.bias is not None and not self._targets[name]["had_bias"]:
-                added.append(name)
-        for name in self._modules_to_save:
-            _set_submodule(self.base_model, name, self.base_model.get_submodule(name).trained_module)
-        self._targets, self._modules_to_save = {}, []
-        merge_compat.reconcile_biases(self.base_model, added)
-        return self.base_model
+        if merge:
+            names = adapter_names if adapter_names is not None else self.active_adapters
+            added = [n for n, layer in self.vectorfit_layers() if not layer.had_bias and any(a in layer.vectorfit_bias for a in names)]
+        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        if merge:
+            merge_compat.reconcile_biases(model, added)
+        return model
 
-    def unload(self) -> nn.Module:
-        """Return the base model without the adapter (peft's ``unload``): every VectorFit layer becomes
-        a plain ``nn.Linear`` / ``Conv1D`` with the *original* weight and bias, and the saved heads go
-        back to their original modules. Nothing trained is kept.
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        avfs = self._modules.get(_AVF)
+        if avfs is not None and adapter_name in avfs:
+            del avfs[adapter_name]
+        self._state()["records"].pop(adapter_name, None)
 
-        Exact for biases, heads and bias-only layers; a decomposed weight is rebuilt as
-        ``U diag(s0) Vh`` in float32, equal to the original to float32 round-off (about 1e-7
-        relative, as with :meth:`disable_adapter`), not bit for bit. Parameters stay frozen.
-
-        Returns:
-            The base model (modified in place); this ``VectorFitModel`` is empty afterwards.
-        """
-        for name, layer in list(self.vectorfit_layers()):
-            with torch.no_grad():
-                bias = layer.current_bias(original=True) if layer.had_bias else None
-                new = _plain_layer(self._targets[name], layer.dense_weight(original=True), bias)
-            _set_submodule(self.base_model, name, new)
-        for name in self._modules_to_save:
-            _set_submodule(self.base_model, name, self.base_model.get_submodule(name).original_module)
-        self._targets, self._modules_to_save = {}, []
-        return self.base_model
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside the ``with`` block the model computes with the base weights and original heads
-        (equal to the base model's outputs to float32 round-off for decomposed layers; exactly for
-        bias-only layers and heads)."""
-        layers = [layer for _, layer in self.vectorfit_layers()]
-        heads = [self.base_model.get_submodule(n) for n in self._modules_to_save]
-        for m in layers + heads:
-            m.disabled = True
-        try:
-            yield
-        finally:
-            for m in layers + heads:
-                m.disabled = False
-
-    # ------------------------------------------------------------------ diagnostics
-    @torch.no_grad()
-    def training_strengths(self) -> dict[str, float]:
-        """``mean(|v_0 - v_t|)`` per trained vector (the quantity AVF ranks), by vector name."""
-        return {
-            f"{name}.{attr}": float(training_strength(layer, attr))
-            for name, layer in self.vectorfit_layers()
-            for attr in ("sigma", "bias")
-            if self._trains(layer, attr)
-        }
-
-    # ------------------------------------------------------------------ adapters
-    def _save_active(self, save_directory: Union[str, Path]) -> None:
-        """Write the active adapter's ``adapter_config.json`` and ``adapter_model.safetensors``
-        (trained vectors, heads, base-weight fingerprints) atomically into ``save_directory``."""
-        tensors: dict[str, torch.Tensor] = {}
-        for name, p in self.trainable_vectors().items():
-            tensors[name] = p.detach()
-        for name in self._modules_to_save:
-            for pname, t in self.base_model.get_submodule(name).trained_module.state_dict().items():
-                tensors[f"{name}.{pname}"] = t.detach()
-        targets = {
-            n: {k: v for k, v in info.items() if k != "module_class"} for n, info in self._targets.items()
-        }
+    # ------------------------------------------------------------------ saving and loading
+    def adapter_record(self, adapter_name: str) -> dict:
+        """What ``adapter_config.json`` records of the base model for ``adapter_name``."""
+        st = self._state()
+        targets = {n: dict(i) for n, i in st["records"][adapter_name].items()}
         layers = dict(self.vectorfit_layers())
         for name, info in targets.items():
-            if info["sigma"]:  # what the trained weight looks like here; checked at load (base_check)
-                info["signature"] = base_check.encode(base_check.signature(layers[name].U, layers[name].sigma, layers[name].Vh))
-        adapter_io.save_adapter(
-            save_directory,
-            tensors,
-            config=self.vectorfit_config.to_dict(),
-            targets=targets,
-            modules_to_save=self._modules_to_save,
-            base_model_class=type(self.base_model).__name__,
-            base_tensors=base_check.record_other_tensors(self._other_base_tensors(self.base_model, self._targets, self._modules_to_save)),
-        )
-
-    @staticmethod
-    def _other_base_tensors(model: nn.Module, targets: dict, heads: list) -> dict:
-        """The base tensors an adapter depends on besides its target matrices: everything outside
-        the targets and saved heads, plus the target biases it does not train."""
-        extra = {f"{n}.bias": model.get_submodule(n).bias for n, i in targets.items() if i.get("had_bias") and not i.get("bias", True)}
-        return base_check.other_tensors(model, [*targets, *heads], extra)
+            s = layers[name].sigma_of(adapter_name)
+            if s is not None:  # what the trained weight looks like here; checked at load (base_check)
+                info["signature"] = base_check.encode(base_check.signature(layers[name].U, s, layers[name].Vh))
+        heads = self.peft_config[adapter_name].modules_to_save or []
+        other = base_check.other_tensors_of(self.model, targets, heads)
+        return {"targets": targets, "base_tensors": base_check.record_other_tensors(other),
+                "base_model_class": type(self.model).__name__}
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        adapter_path: Union[str, Path],
-        is_trainable: bool = False,
-        cache_dir: Optional[str] = None,
-        svd_cache: bool = True,
-        check_base: str = "error",
-        adapter_name: str = "default",
-    ) -> "VectorFitModel":
-        """Load an adapter onto a fresh base model (more adapters of the same base: :meth:`load_adapter`).
+    def _get_adapter_state_dict(cls, model: nn.Module, config: VectorFitConfig, adapter_name: str,
+                                state_dict: dict, unwanted_adapter_names: list) -> dict:
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        avf_prefix = f"base_model.{_AVF}.{adapter_name}."
+        out.update({k: v for k, v in state_dict.items() if k.startswith(avf_prefix)})
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, cls) and adapter_name in tuner._state()["records"]:
+            # Written into the saved copy of the config (VectorFitConfig.to_dict); the live config
+            # stays as the user made it, so it can wrap another base model later.
+            config.__dict__["_vectorfit_record"] = tuner.adapter_record(adapter_name)
+        return out
 
-        Args:
-            model: the base model the adapter was trained on (checked by fingerprints).
-            adapter_path: folder written by :meth:`save_pretrained`.
-            is_trainable: keep the vectors trainable (to continue training); otherwise they are frozen.
-            cache_dir, svd_cache: as in :class:`VectorFitConfig`.
-            check_base: ``"error"`` (default) refuses a base whose tensors outside the adapted
-                matrices (embeddings, norms, an unsaved head) differ from the training model's;
-                ``"warn"`` loads it with a warning. Target matrices must always match.
-            adapter_name: the name the adapter gets here.
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: VectorFitConfig, adapter_name: str,
+                                           state_dict: dict) -> dict:
+        avf_prefix = f"base_model.{_AVF}."
+        state_dict = {(avf_prefix + adapter_name + "." + k[len(avf_prefix):] if k.startswith(avf_prefix) else k): v
+                      for k, v in state_dict.items()}
+        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, cls):
+            tuner._check_loaded_tensors(adapter_name, out, config)
+        return out
 
-        Raises:
-            adapter_io.AdapterError: missing/corrupt files, or a base model that differs from the
-                one the adapter was trained on (the message names the first mismatching module).
-
-        Warns:
-            VectorFitWarning: a decomposed layer computes a trained weight that deviates from the
-                one saved beyond tolerance (another SVD driver or device; see :mod:`vectorfit.base_check`).
-        """
-        if check_base not in ("error", "warn"):
-            raise ConfigError(f"check_base={check_base!r} is invalid: use 'error' (refuse a differing base) or 'warn'")
-        meta, tensors = adapter_io.load_adapter(adapter_path)
-        config = adapter_io.config_of(meta, adapter_path, cache_dir=cache_dir, svd_cache=svd_cache)
-        saved = meta["targets"]
-        # Check the base before any SVD: a wrong base fails in milliseconds, not after a minute.
-        found = {n: m for n, m, _ in find_targets(model, config.target_modules, config.exclude_modules, skip=config.modules_to_save)}
-        absent = [n for n in saved if n not in found]
-        if absent:
-            raise adapter_io.AdapterError(
-                f"the base model has no target module {absent[0]!r} that the adapter at {adapter_path} was trained on "
-                f"(adapter base class: {meta.get('base_model_class')}, this model: {type(model).__name__})"
-            )
-        # model order, so the error names the first mismatch
-        fingerprints = base_check.check_targets({n: _matrix_of(m) for n, m in found.items()}, saved, adapter_path)
-        if "base_tensors" in meta:  # adapters saved before this check have no record
-            other = cls._other_base_tensors(model, {n: i for n, i in saved.items() if n in found}, meta.get("modules_to_save", []))
-            base_check.enforce_other_tensors(other, meta["base_tensors"], adapter_path, check_base)
-        vf = cls._build(model, config, fingerprints, adapter_name)
-        extra = set(vf._targets) - set(saved)
-        if extra:
-            raise adapter_io.AdapterError(f"the adapter does not cover target modules {sorted(extra)[:5]} of this model")
-        vf._fill(adapter_name, tensors, adapter_path)
-        base_check.check_signatures(dict(vf.vectorfit_layers()), saved)
-        if not is_trainable:
-            for p in vf.parameters():
-                p.requires_grad_(False)
-        return vf
-
-    @staticmethod
-    def _build(model: nn.Module, config: VectorFitConfig, fingerprints: Optional[dict] = None,
-               adapter_name: str = "default") -> "VectorFitModel":
-        from .adapters import _check_name
-
-        return _class_for(type(model))(model, config, fingerprints, _check_name(adapter_name))
+    def _check_loaded_tensors(self, adapter_name: str, tensors: dict, config: VectorFitConfig) -> None:
+        """Before peft copies anything: every vector present with its shape; the decomposition here
+        computes the trained weights the adapter was saved with (signatures; warns otherwise)."""
+        expected = {}
+        for name, layer in self.vectorfit_layers():
+            for attr, d in (("vectorfit_sigma", layer.vectorfit_sigma), ("vectorfit_bias", layer.vectorfit_bias)):
+                if adapter_name in d:
+                    expected[f"base_model.model.{name}.{attr}.{adapter_name}"] = (name, layer, attr, d[adapter_name])
+        missing = [k for k in expected if k not in tensors]
+        if missing:
+            raise AdapterError(f"the adapter's weights lack {len(missing)} vector(s) of this model, first "
+                               f"{[expected[k][0] + '.' + expected[k][2] for k in missing[:3]]}: the weights file is damaged or "
+                               "belongs to another adapter")
+        for key, (name, layer, attr, p) in expected.items():
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise AdapterError(f"adapter tensor {name}.{attr} has shape {tuple(tensors[key].shape)}, the model expects {tuple(p.shape)}")
+        views = {}
+        for key, (name, layer, attr, p) in expected.items():
+            if attr == "vectorfit_sigma":
+                t = tensors[key].to(device=layer.sigma0.device, dtype=torch.float32)
+                s = layer.sigma0 * (1.0 + t) if layer.vectorfit_sigma_param[adapter_name] == "relative" else t
+                views[name] = (layer, s)
+        if config.targets is not None:
+            base_check.check_signatures(views, config.targets)
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _class_for(base_cls: type) -> type:
-    """A ``VectorFitModel`` subclass whose ``forward`` shows the base class's signature.
-
-    ``transformers.Trainer`` reads the model class's ``forward`` signature to decide which dataset
-    columns to keep and which inputs are labels; a bare ``forward(*args, **kwargs)`` would make it
-    drop every column. The subclass only relabels the signature; behaviour is identical.
-    """
-    if base_cls not in _CLASSES:
-        base_forward = getattr(base_cls, "forward", None)
-
-        def forward(self: VectorFitModel, *args: Any, **kwargs: Any) -> Any:
-            return VectorFitModel.forward(self, *args, **kwargs)
-
-        try:
-            forward.__signature__ = inspect.signature(base_forward)  # type: ignore[attr-defined]
-        except (TypeError, ValueError):
-            pass
-        forward.__doc__ = getattr(base_forward, "__doc__", None)
-        _CLASSES[base_cls] = type(f"VectorFitModelFor{base_cls.__name__}", (VectorFitModel,), {"forward": forward, "__module__": __name__})
-    return _CLASSES[base_cls]
-
-
-def get_vectorfit_model(model: nn.Module, config: Optional[VectorFitConfig] = None, adapter_name: str = "default") -> VectorFitModel:
-    """Replace the target layers of ``model`` by VectorFit layers and freeze everything else.
+def get_vectorfit_model(model: nn.Module, config: Optional[VectorFitConfig] = None, adapter_name: str = "default") -> Any:
+    """``peft.get_peft_model(model, config)`` with a VectorFit config (``VectorFitConfig()``, the full
+    method on the architecture's default targets, if ``None``).
 
     Args:
-        model: a pre-trained model (modified in place).
-        config: what to adapt; ``VectorFitConfig()`` (the full method on default targets) if ``None``.
+        model: a pre-trained model (modified in place: its targets become VectorFit layers).
+        config: what to adapt.
         adapter_name: the name of this first adapter.
 
     Returns:
-        A :class:`VectorFitModel` whose forward is the base model's forward.
+        A ``peft.PeftModel`` (a task subclass such as ``PeftModelForCausalLM`` when ``task_type`` is set).
     """
-    return VectorFitModel._build(model, config if config is not None else VectorFitConfig(), adapter_name=adapter_name)
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ConfigError("the model already is a PeftModel; pass its base model (model.get_base_model()), "
+                          "or add an adapter with model.add_adapter(name, config)")
+    return get_peft_model(model, config if config is not None else VectorFitConfig(), adapter_name=adapter_name)
 
 
-def target_module_names(
-    model: nn.Module, config: Optional[VectorFitConfig] = None, with_roles: bool = False
-) -> Union[list[str], dict[str, str]]:
+def target_module_names(model: nn.Module, config: Optional[VectorFitConfig] = None,
+                        with_roles: bool = False) -> Any:
     """Names of the modules ``get_vectorfit_model(model, config)`` would adapt, in model order.
 
     Useful to give a baseline (e.g. a peft LoRA) exactly the same targets. Modules of a role the
@@ -447,6 +419,10 @@ def target_module_names(
         config: the targets' settings; ``VectorFitConfig()`` if ``None``.
         with_roles: return ``{name: "attn" | "mlp"}`` instead of a list.
     """
-    config = tasks.apply_task_type(model, config if config is not None else VectorFitConfig())
-    found = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules, skip=config.modules_to_save)}
+    config = config if config is not None else VectorFitConfig()
+    heads = list(config.modules_to_save or []) + list(tasks.TASK_HEADS.get(config.task_type or "", ()))
+    found = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules, skip=heads)}
     return found if with_roles else list(found)
+
+
+__all__ = ["VectorFitModel", "get_vectorfit_model", "target_module_names", "is_conv1d"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator, Optional, TypeVar
 
-__all__ = ["progress_enabled", "svd_progress", "ENV_VAR", "DELAY_S"]
+__all__ = ["progress_enabled", "svd_progress", "svd_bar", "ENV_VAR", "DELAY_S"]
 
 T = TypeVar("T")
 
@@ -53,3 +53,13 @@ def svd_progress(items: Iterable[T], total: int, enabled: bool) -> Iterator[T]:
 
     return iter(tqdm(items, total=total, desc="VectorFit: fingerprint + SVD", unit="matrix",
                      delay=DELAY_S, leave=True, dynamic_ncols=True))
+
+
+def svd_bar(total: int, enabled: bool):
+    """A progress bar over ``total`` target matrices, advanced with ``.update(1)`` and ended with
+    ``.close()``; ``None`` when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="VectorFit: fingerprint + SVD", unit="matrix", delay=DELAY_S, leave=True, dynamic_ncols=True)

@@ -98,8 +98,13 @@ def is_peft_layer(module: nn.Module) -> bool:
     )
 
 
+def is_vectorfit_layer(module: nn.Module) -> bool:
+    """A VectorFit tuner layer (a later adapter targets it again), recognised without importing peft."""
+    return type(module).__name__ == "VectorFitLayer" and hasattr(module, "vectorfit_sigma")
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_vectorfit_layer(module)
 
 
 def model_type_of(model: nn.Module) -> Optional[str]:
@@ -213,8 +218,13 @@ def find_targets(
 
     found = 0
     peft_layers: list[str] = []
+    vf_layers: list[str] = []
     for name, module in model.named_modules():
-        if name and is_peft_layer(module):
+        if any(name.startswith(v + ".") for v in vf_layers):
+            continue  # inside a VectorFit layer (its base_layer): the layer itself is the target
+        if is_vectorfit_layer(module):
+            vf_layers.append(name)
+        elif name and is_peft_layer(module):
             peft_layers.append(name)
         if not name or not selected(name, module) or excluded(name):
             continue

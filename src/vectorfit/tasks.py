@@ -1,8 +1,8 @@
 """peft-style task types, and a warning for new task heads that would stay frozen.
 
 peft users write ``LoraConfig(task_type="SEQ_CLS")`` and rely on peft adding the classification
-head to ``modules_to_save``. ``VectorFitConfig(task_type=...)`` does the same, with the same head
-names as peft 0.21 (``peft.peft_model``): ``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS,
+head to ``modules_to_save``; with VectorFit peft itself does that (its task classes, e.g.
+``PeftModelForSequenceClassification``), with the head names listed here: ``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS,
 ``qa_outputs`` for QUESTION_ANS, nothing for the language-model and feature-extraction tasks
 (their output heads are pretrained, often tied to the embeddings, and stay frozen).
 
@@ -12,7 +12,6 @@ no-op: with SEQ_CLS and no head found, the classifier would not train and nothin
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from torch import nn
@@ -22,7 +21,7 @@ from .notices import warn
 if TYPE_CHECKING:  # pragma: no cover
     from .config import VectorFitConfig
 
-__all__ = ["TASK_TYPES", "TASK_HEADS", "apply_task_type", "newly_initialised_parameters", "warn_frozen_new_parameters"]
+__all__ = ["TASK_TYPES", "TASK_HEADS", "check_task_heads", "newly_initialised_parameters", "warn_frozen_new_parameters"]
 
 #: peft's task types and the head modules each adds to ``modules_to_save``.
 TASK_HEADS: dict[str, tuple[str, ...]] = {
@@ -40,40 +39,29 @@ def _matches(module_name: str, entry: str) -> bool:
     return module_name == entry or module_name.endswith("." + entry)
 
 
-def apply_task_type(model: nn.Module, config: "VectorFitConfig") -> "VectorFitConfig":
-    """The config with the task's head(s) added to ``modules_to_save``, as peft does.
+def check_task_heads(model: nn.Module, config: "VectorFitConfig") -> None:
+    """Refuse a classification ``task_type`` whose head the model does not have.
 
-    Only head names that exist in ``model`` are added (a model has ``classifier`` or ``score``, not
-    both). The given config is not modified.
-
-    Args:
-        model: the base model.
-        config: a config whose ``task_type`` may be set.
-
-    Returns:
-        ``config`` itself when nothing is added, else a copy with the longer ``modules_to_save``.
+    peft adds the head names of the task to ``modules_to_save`` and silently skips the ones that do
+    not exist; with none found the classifier would stay random and frozen, and nothing would say so.
 
     Raises:
-        ConfigError: the task type expects a head but the model has none of its names.
+        ConfigError: the task type expects a head but the model has none of its names, and
+            ``modules_to_save`` names none that exists either.
     """
-    from .config import ConfigError
+    from .errors import ConfigError
 
     heads = TASK_HEADS.get(config.task_type or "", ())
     if not heads:
-        return config
+        return
     names = [n for n, _ in model.named_modules() if n]
-    present = [h for h in heads if any(_matches(n, h) for n in names)]
-    if not present:
+    wanted = [*heads, *[m for m in (config.modules_to_save or []) if m not in heads]]
+    if not any(_matches(n, h) for n in names for h in wanted):
         raise ConfigError(
             f"VectorFitConfig.task_type={config.task_type!r} expects a task head named {' or '.join(map(repr, heads))}, "
             f"but this {type(model).__name__} has none; name your head in modules_to_save=[...] instead "
             f"(top-level modules: {[n for n, _ in model.named_children()]})"
         )
-    current = list(config.modules_to_save or [])
-    added = [h for h in present if h not in current]
-    if not added:
-        return config
-    return dataclasses.replace(config, modules_to_save=current + added)
 
 
 def newly_initialised_parameters(model: nn.Module) -> list[str]:

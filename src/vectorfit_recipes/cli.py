@@ -7,6 +7,7 @@
     vectorfit data verify [NAME..] # re-check extracted files against their recorded sha256
     vectorfit bench --suite NAME   # run a named matrix of runs (configs/suites.json), resumably
     vectorfit report               # result files -> benchmarks/RESULTS.md + plots
+    vectorfit convert OLD NEW      # a vectorfit 0.1 adapter folder -> peft's layout
     vectorfit generate --model M --adapter DIR --prompt TEXT   # try a trained adapter on a causal LM
     vectorfit --version
 
@@ -235,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "print the generated continuation of each prompt. Greedy unless --temperature/--top-p.",
     )
     add_generate_arguments(p_generate)
+
+    p_convert = sub.add_parser(
+        "convert", help="rewrite a vectorfit 0.1 adapter folder in peft's layout",
+        description="Read an adapter folder written by vectorfit 0.1 (\"format\": \"vectorfit-adapter\") and write the "
+                    "same adapter, numbers unchanged, as peft's adapter_config.json (peft_type VECTORFIT) and "
+                    "adapter_model.safetensors, which PeftModel.from_pretrained loads.",
+    )
+    p_convert.add_argument("source", help="the vectorfit 0.1 adapter folder")
+    p_convert.add_argument("destination", help="folder for the converted adapter (created)")
     return parser
 
 
@@ -421,6 +431,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             from .generate_cli import generate_command
 
             return generate_command(ns, _subparser(parser, "generate"))
+        if ns.command == "convert":
+            from vectorfit import AdapterError, convert_legacy_adapter
+
+            try:
+                out = convert_legacy_adapter(ns.source, ns.destination)
+            except AdapterError as e:
+                print(f"vectorfit: error: {e}", file=sys.stderr)
+                return 2
+            print(f"converted {ns.source} -> {out} (load it with peft.PeftModel.from_pretrained(base, {str(out)!r}))")
+            return 0
         if ns.command == "bench":
             from pathlib import Path
 
