@@ -195,6 +195,18 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         s = (self.sigma0 if sigma is None else sigma).detach().float()
         return ((self.U.float() * s) @ self.Vh.float()).to(self.U.dtype)
 
+    @property
+    def sigma(self) -> Optional[Tensor]:
+        """The singular values the active adapter(s) compute with (``None`` on a dense, bias-only layer)."""
+        return self.effective_vectors(self.active_adapters)[0] if self.decomposed else None
+
+    def delta_weight(self) -> Tensor:
+        """``W - W0 = U diag(s - s0) Vh`` of the active adapter(s), float32 (zero on a bias-only layer)."""
+        s = self.sigma
+        if s is None:
+            return torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.bias0.device)
+        return (self.U.float() * (s.detach().float() - self.sigma0)) @ self.Vh.float()
+
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """``U diag(s - s0) Vh`` of one adapter in float32 (zero where it trains no singular values)."""
         s = self.sigma_of(adapter_name)

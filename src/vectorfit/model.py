@@ -274,6 +274,11 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         return avfs[self.active_adapters[0]] if avfs is not None and self.active_adapters and self.active_adapters[0] in avfs else None
 
     @property
+    def svd_cache(self) -> Optional[SVDCache]:
+        """The SVD cache the last injection used (its ``hits`` / ``misses`` count what it did)."""
+        return self._state()["cache"]
+
+    @property
     def vectorfit_config(self) -> VectorFitConfig:
         """The active adapter's config."""
         return self.peft_config[self.active_adapters[0]]
