@@ -7,17 +7,19 @@ configuration mistake found at step 0 is cheap and one found after an hour of tr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import _peft  # noqa: F401  (adds PeftType.VECTORFIT before the config below uses it)
 from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
-from .errors import ConfigError
+from .errors import AdapterError, ConfigError
 
 #: Parameterisations of the trained singular values (see VectorFitConfig.sigma_param).
 SIGMA_PARAMS = ("absolute", "relative")
@@ -148,7 +150,8 @@ TargetSpec = Union[None, str, list]
 LOCAL_FIELDS = ("svd_cache", "cache_dir", "progress", "check_base")
 #: Fields VectorFit fills itself (when the model is wrapped, and when it is saved); they record what
 #: the adapter depends on, so loading can refuse a base model it was not trained on.
-RECORD_FIELDS = ("targets", "base_tensors", "base_model_class")
+RECORD_FIELDS = ("targets", "base_tensors", "base_model_class", "weights_sha256")
+_CONFIG_NAME, _WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclass
@@ -180,9 +183,9 @@ class VectorFitConfig(PeftConfig):
             outside the adapted matrices (embeddings, norms, an unsaved head) differ from the
             training model's; ``"warn"`` loads it with a warning. Target matrices must always match.
             ``PeftModel.from_pretrained(base, path, check_base="warn")`` sets it. Not saved.
-        targets, base_tensors, base_model_class: the adapter's record of its base model (target
-            shapes, roles, fingerprints, decomposition sketches; fingerprints of every other base
-            tensor). Filled by VectorFit; leave them ``None``.
+        targets, base_tensors, base_model_class, weights_sha256: the adapter's record of its base
+            model (target shapes, roles, fingerprints, decomposition sketches; fingerprints of every
+            other base tensor) and the checksum of its weights file. Filled by VectorFit; leave them ``None``.
     """
 
     variant: str = field(default="vectorfit", metadata={"help": f"one of {sorted(VARIANTS)}"})
@@ -198,6 +201,7 @@ class VectorFitConfig(PeftConfig):
     targets: Optional[dict] = field(default=None, metadata={"help": "filled by VectorFit"})
     base_tensors: Optional[dict] = field(default=None, metadata={"help": "filled by VectorFit"})
     base_model_class: Optional[str] = field(default=None, metadata={"help": "filled by VectorFit"})
+    weights_sha256: Optional[str] = field(default=None, metadata={"help": "filled by VectorFit"})
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.VECTORFIT
@@ -278,8 +282,57 @@ class VectorFitConfig(PeftConfig):
         d.update(self.__dict__.get("_vectorfit_record") or {})
         return d
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` atomically (a reader sees the old file or the new one). peft
+        writes the weights first: their SHA-256 goes into the config, so a torn or damaged pair is
+        refused at load instead of computing with wrong numbers."""
+        from .cache import atomic_write_bytes
+
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise AdapterError(f"cannot save the adapter to {folder}: it exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        out = self.to_dict()
+        out = {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
+        if kwargs.get("auto_mapping_dict") is not None:
+            out["auto_mapping"] = kwargs["auto_mapping_dict"]
+        weights = folder / _WEIGHTS_NAME
+        out["weights_sha256"] = _sha256(weights) if weights.is_file() else None
+        data = (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()  # fails before touching the file
+        atomic_write_bytes(folder / _CONFIG_NAME, data)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any) -> "VectorFitConfig":
+        """peft's loader, plus: a local adapter's weights must match the checksum its config recorded."""
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        cfg_path = folder / _CONFIG_NAME
+        if cfg_path.is_file():
+            try:
+                json.loads(cfg_path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise AdapterError(f"adapter config {cfg_path} is corrupt (not valid JSON: {e})") from None
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (TypeError, ConfigError) as e:
+            raise AdapterError(f"adapter config {cfg_path} holds an invalid VectorFit config: {e}") from None
+        if cfg_path.is_file() and config.weights_sha256 is not None:
+            weights = folder / _WEIGHTS_NAME
+            if not weights.is_file():
+                raise AdapterError(f"adapter file {weights} is missing (its config {cfg_path} is there)")
+            if _sha256(weights) != config.weights_sha256:
+                raise AdapterError(f"adapter weights {weights} are corrupt or do not belong to {cfg_path} (checksum mismatch)")
+        return config
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_record(config: VectorFitConfig) -> None:

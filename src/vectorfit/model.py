@@ -23,8 +23,10 @@ name) are in :mod:`vectorfit.adapters`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -228,6 +230,20 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
 
         if check_base not in ("error", "warn"):
             raise ConfigError(f"check_base={check_base!r} is invalid: use 'error' (refuse a differing base) or 'warn'")
+        folder = Path(adapter_path)
+        if not folder.is_dir():
+            raise AdapterError(f"no adapter folder at {folder}")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (folder / name).is_file():
+                raise AdapterError(f"adapter file {folder / name} is missing; save adapters with save_pretrained")
+        try:
+            meta = json.loads((folder / "adapter_config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise AdapterError(f"adapter config {folder / 'adapter_config.json'} is corrupt (not valid JSON: {e})") from None
+        if not isinstance(meta, dict) or (meta.get("peft_type") != "VECTORFIT" and not is_legacy_adapter(folder)):
+            kind = meta.get("peft_type") if isinstance(meta, dict) else None
+            raise AdapterError(f"{folder / 'adapter_config.json'} is not a VectorFit adapter config (peft_type={kind!r}); "
+                               "a peft adapter of another method loads with peft.PeftModel.from_pretrained")
         if is_legacy_adapter(adapter_path):
             import tempfile
 
