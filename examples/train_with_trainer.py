@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""VectorFit with Hugging Face's ``Trainer``: checkpoints and the final save are adapters, as with peft.
+"""VectorFit with a plain Hugging Face ``Trainer``: checkpoints and the final save are adapters, as with peft.
 
     python examples/train_with_trainer.py                     # 1,024 sentences, 2 epochs: ~2 min on 2 cores
     python examples/train_with_trainer.py --train-examples 64 --epochs 1 --eval-examples 32   # a smoke run
 
-``VectorFitTrainer`` is ``transformers.Trainer`` with three differences for a ``VectorFitModel``: it
-runs Adaptive Vector Freezing (it adds ``AVFCallback`` itself), ``save_model()`` and every
-``checkpoint-*`` hold the adapter (``adapter_config.json`` + ``adapter_model.safetensors``) and the
-AVF state instead of the whole base model, and ``train(resume_from_checkpoint=...)`` reads them back.
+A VectorFit model is a ``peft.PeftModel``, so the plain ``Trainer`` treats it as it treats LoRA:
+``save_model()`` and every ``checkpoint-*`` hold the adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, Adaptive Vector Freezing's state included) instead of the whole base
+model, and ``resume_from_checkpoint`` / ``load_best_model_at_end`` read it back. The one addition is
+``AVFCallback``, which runs AVF between the backward pass and the optimizer step.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import random
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
-from vectorfit import VectorFitConfig, VectorFitModel, get_vectorfit_model
-from vectorfit.integrations import VectorFitTrainer
+from vectorfit import VectorFitConfig, get_vectorfit_model
+from vectorfit.integrations import AVFCallback
 from vectorfit_recipes.data import load_dataset
 from vectorfit_recipes.models import model_path
 
@@ -57,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)  # the new head's initialisation
     # transformers prints a LOAD REPORT listing classifier.* as MISSING: expected, the head is new.
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model = get_vectorfit_model(base, VectorFitConfig(task_type="SEQ_CLS"))  # AVF schedule: from the Trainer's run length
+    model = get_vectorfit_model(base, VectorFitConfig(task_type="SEQ_CLS"))  # = peft.get_peft_model(base, config)
     model.print_trainable_parameters()
 
     training_args = TrainingArguments(
@@ -77,22 +79,24 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    trainer = VectorFitTrainer(
+    trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=validation,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        callbacks=[AVFCallback()],  # AVF's schedule comes from the Trainer's run length
     )
     trainer.train()
+    print("AVF steps taken:", [h["step"] for h in model.avf.history])
     print("test:", trainer.evaluate(test, metric_key_prefix="test"))
-    trainer.save_model()  # the adapter (and the tokenizer), not the base model
+    trainer.save_model()  # the adapter, not the base model
     print(f"{args.out} holds {sorted(f for f in os.listdir(args.out) if not f.startswith('checkpoint-'))}")
 
-    # The output folder loads like a peft adapter folder.
+    # The output folder is a peft adapter folder.
     fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    reloaded = VectorFitModel.from_pretrained(fresh, args.out)
+    reloaded = PeftModel.from_pretrained(fresh, args.out)
     reloaded.eval()
     batch = tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True)
     with torch.no_grad():

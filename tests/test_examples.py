@@ -23,7 +23,7 @@ def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 
 
 def test_every_example_is_tested():
-    tested = {"train_plain_loop.py", "train_with_trainer.py"}
+    tested = {"train_plain_loop.py", "train_with_trainer.py", "sft_with_trl.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -43,8 +43,28 @@ def test_trainer_example(tmp_path):
     proc = _run("train_with_trainer.py", TINY, tmp_path)
     out_dir = tmp_path / "out" / "trainer"
     files = {p.name for p in out_dir.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "vectorfit_avf_state.safetensors"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
     assert "model.safetensors" not in files
+    assert '"peft_type": "VECTORFIT"' in (out_dir / "adapter_config.json").read_text()
     checkpoints = sorted(p for p in out_dir.iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints and all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
     assert "test_accuracy" in proc.stdout and "predictions for two new sentences" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sft_example_with_trl(tmp_path):
+    """TRL's SFTTrainer with a VectorFit peft_config, on a tiny random Llama with a byte-level chat
+    tokenizer (SmolLM2 needs the gguf package, which the test install does not have) and real BBC data."""
+    from test_recipes_nlg import make_tiny_llama, make_tokenizer
+
+    tok = make_tokenizer()
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    proc = _run("sft_with_trl.py", ["--model", str(model_dir), "--max-steps", "4", "--train-examples", "16",
+                                    "--article-tokens", "24"], tmp_path)
+    assert "AVF steps taken: [2, 3, 4]" in proc.stdout  # 4 steps: AVF from 40% of the run, every step after
+    adapter = tmp_path / "out" / "sft"
+    assert '"peft_type": "VECTORFIT"' in (adapter / "adapter_config.json").read_text()
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 300_000
+    assert "generated:" in proc.stdout

@@ -73,7 +73,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
             layer = model.base_model.bert.encoder.layer[0].attention.self.query
-            trained = layer._parameters[layer.trained_attr("sigma")]
+            trained = layer.vectorfit_sigma["default"]
             res = {
                 "vector_local_shape": tuple(trained.to_local().shape),
                 "U_local_shape": tuple(layer.U.to_local().shape) if hasattr(layer.U, "to_local") else None,
@@ -83,10 +83,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             res["history"] = model.avf.history
             with vdist.full_parameters(model):
                 res["vectors"] = {n: p.detach().clone() for n, p in model.trainable_vectors().items()}
-                res["head"] = {k: v.clone() for k, v in model.base_model.classifier.trained_module.state_dict().items()}
+                res["head"] = {k: v.clone() for k, v in model.base_model.classifier.modules_to_save["default"].state_dict().items()}
                 if key == "b" and rank == 0:
                     model.save_pretrained(os.path.join(out_dir, "adapter"))
-            res["sharded_again"] = hasattr(layer._parameters[layer.trained_attr("sigma")], "full_tensor")
+            res["sharded_again"] = hasattr(layer.vectorfit_sigma["default"], "full_tensor")
             res["state_dict_factors"] = [k for k in model.state_dict() if k.endswith((".U", ".Vh"))]
             out[key] = res
             dist.barrier()
@@ -107,10 +107,11 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
         assert len(history) == 3
         for r in ranks:
             res = r[key]
-            # Really sharded: each rank holds half of a 32-vector; U sharded only after prepare_fsdp.
+            # Really sharded: each rank holds half of a 32-vector, and half of the frozen U (a frozen
+            # parameter, which FSDP shards with or without prepare_fsdp).
             assert res["vector_local_shape"] == (16,)
-            assert res["U_local_shape"] == ((16, 32) if setup["prepare"] else None)
-            assert res["U_is_buffer"] is (not setup["prepare"])
+            assert res["U_local_shape"] == (16, 32)
+            assert res["U_is_buffer"] is False
             # The same AVF decisions as one process, on both ranks (identical lists).
             assert res["history"] == history, key
             # FSDP averages the two half-batch gradients = the full-batch mean gradient; summation
@@ -118,7 +119,7 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
             assert res["losses"] == pytest.approx(losses, abs=1e-5), key
             for n, v in model.trainable_vectors().items():
                 torch.testing.assert_close(res["vectors"][n], v.detach(), rtol=0, atol=1e-5, msg=f"{key} {n}")
-            for n, v in model.base_model.classifier.trained_module.state_dict().items():
+            for n, v in model.base_model.classifier.modules_to_save["default"].state_dict().items():
                 torch.testing.assert_close(res["head"][n], v, rtol=0, atol=1e-5, msg=f"{key} head {n}")
             assert res["sharded_again"] is True and res["state_dict_factors"] == []
         for n, v in ranks[0][key]["vectors"].items():
