@@ -288,7 +288,7 @@ def test_relative_sigma_runs_end_to_end_and_is_saved_with_the_adapter(tmp_path):
                           **TINY), log=_quiet)
     assert res["method_config"]["sigma_param"] == "relative"
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert saved["config"]["sigma_param"] == "relative"
+    assert saved["peft_type"] == "VECTORFIT" and saved["sigma_param"] == "relative"
     from vectorfit_recipes import report_curves
 
     assert report_curves.method_label(res) == "no_avf+relative"

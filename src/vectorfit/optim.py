@@ -45,9 +45,10 @@ def param_groups(
     """Split a ``VectorFitModel``'s trainable parameters into optimizer groups.
 
     Args:
-        model: a ``VectorFitModel`` (from ``get_vectorfit_model`` or ``from_pretrained(is_trainable=True)``).
+        model: a VectorFit ``PeftModel`` (``get_vectorfit_model`` / ``peft.get_peft_model``, or
+            ``PeftModel.from_pretrained(..., is_trainable=True)``).
         lr: the rate of every group whose own rate is ``None``.
-        sigma_lr: rate of the singular-value vectors (``*.sigma``; ``*.sigma_delta`` with the relative
+        sigma_lr: rate of the singular-value vectors (``vectorfit_sigma``; ``z`` with the relative
             parameterisation).
         bias_lr: rate of the trained bias vectors of the VectorFit layers.
         head_lr: rate of the ``modules_to_save`` copies (the new task head).
@@ -63,20 +64,20 @@ def param_groups(
         _check_lr(name, value)
     if lr is None:
         raise ValueError("param_groups: lr is required (it is the rate of every group left at None)")
-    if not hasattr(model, "vectorfit_layers"):
-        raise TypeError(f"param_groups expects a VectorFitModel, got {type(model).__name__}; "
-                        "wrap the model with vectorfit.get_vectorfit_model first")
+    if not hasattr(model, "vector_list"):
+        raise TypeError(f"param_groups expects a VectorFit model, got {type(model).__name__}; "
+                        "wrap the model with vectorfit.get_vectorfit_model (or peft.get_peft_model) first")
     kinds: dict[int, str] = {}
-    for _, layer in model.vectorfit_layers():
-        for attr, kind in (("sigma", "sigma"), ("sigma_delta", "sigma"), ("bias", "bias")):
-            p = getattr(layer, attr, None)
-            if isinstance(p, nn.Parameter) and p.requires_grad:
-                kinds[id(p)] = kind
-    root = model.get_base_model()
-    for name in getattr(model, "_modules_to_save", []):
-        for p in root.get_submodule(name).parameters():
+    for adapter in model.active_adapters:
+        for _, layer, kind in model.vector_list(adapter):
+            p = (layer.vectorfit_sigma if kind == "sigma" else layer.vectorfit_bias)[adapter]
             if p.requires_grad:
-                kinds.setdefault(id(p), "head")
+                kinds[id(p)] = kind
+    for m in model.modules():
+        if type(m).__name__ == "ModulesToSaveWrapper":  # peft's trained copies of the task heads
+            for p in m.modules_to_save.parameters():
+                if p.requires_grad:
+                    kinds.setdefault(id(p), "head")
     rates = {"sigma": sigma_lr, "bias": bias_lr, "head": head_lr, "other": None}
     buckets: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
     seen: set[int] = set()
