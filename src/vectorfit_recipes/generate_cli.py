@@ -115,8 +115,8 @@ def adapter_kind(path: Path) -> str:
             meta = json.loads(cfg.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"--adapter {path}: {cfg.name} is not valid JSON ({e})") from None
-        if isinstance(meta, dict) and meta.get("format") == "vectorfit-adapter":
-            return "vectorfit"
+        if isinstance(meta, dict) and (meta.get("format") == "vectorfit-adapter" or meta.get("peft_type") == "VECTORFIT"):
+            return "vectorfit"  # peft's layout, or vectorfit 0.1's (converted on load)
         if isinstance(meta, dict) and "peft_type" in meta:
             return "peft"
         raise ValueError(f"--adapter {path}: {cfg.name} is neither a VectorFit nor a peft adapter config")
