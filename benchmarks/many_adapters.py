@@ -70,10 +70,10 @@ def build_vectorfit(base: torch.nn.Module, n: int) -> torch.nn.Module:
     heads = speed.head_names(base)
     vf = get_vectorfit_model(base, VectorFitConfig(variant="no_avf", modules_to_save=heads or None), adapter_name="a0")
     for i in range(1, n):
-        vf.add_adapter(f"a{i}")
+        vf.add_adapter(f"a{i}", VectorFitConfig(variant="no_avf", modules_to_save=heads or None))
     g = torch.Generator().manual_seed(0)
-    for name in vf.adapters:
-        for t in vf._slot_params(name).values():
+    for name in vf.peft_config:
+        for t in _adapter_params(vf, name):
             if t.is_floating_point():
                 t.mul_(1 + 0.05 * torch.randn(t.shape, generator=g))
     return vf.eval()
@@ -92,8 +92,14 @@ def build_lora(base: torch.nn.Module, n: int) -> torch.nn.Module:
     return model.eval()
 
 
+def _adapter_params(vf: torch.nn.Module, name: str) -> list:
+    """Adapter ``name``'s own tensors: its vectors (``...vectorfit_sigma.<name>``) and head copies
+    (``...modules_to_save.<name>.*``), every one a registered parameter of the peft model."""
+    return [p for n, p in vf.named_parameters() if n.endswith(f".{name}") or f".modules_to_save.{name}." in n]
+
+
 def adapter_bytes(vf: torch.nn.Module, name: str) -> int:
-    return sum(t.numel() * t.element_size() for t in vf._slot_params(name).values())
+    return sum(t.numel() * t.element_size() for t in _adapter_params(vf, name))
 
 
 def model_tensor_bytes(vf: torch.nn.Module) -> int:
@@ -106,11 +112,8 @@ def model_tensor_bytes(vf: torch.nn.Module) -> int:
             st = t.untyped_storage()
             storages[st.data_ptr()] = st.nbytes()
 
-    for m in vf.modules():
+    for m in vf.modules():  # every adapter's vectors and heads are registered parameters (peft)
         for t in [*m._parameters.values(), *m._buffers.values()]:
-            add(t)
-    for name in vf.adapters:  # every adapter's vectors in every layer, and its heads
-        for t in vf._slot_params(name).values():
             add(t)
     return sum(storages.values())
 

@@ -6,7 +6,8 @@ For BERT, GPT-2 (Conv1D), Llama (gated MLP, no biases), T5, BART and ViT:
 * after AdamW steps only the singular values, the chosen biases and the head changed, checked
   independently of the implementation (merge, then ``U0^T W_new V0`` is diagonal for the SVD of the
   *original* weight, and every other tensor is bit-identical);
-* save -> load on a fresh base reproduces the outputs; the adapter holds only the vectors (+ head);
+* save -> load on a fresh base reproduces the outputs; the adapter (peft's layout) holds only the vectors
+  (+ head, + the AVF state);
 * a different base is refused, naming the first mismatching module;
 * merge equivalence and idempotence, unmerge, ``merge_and_unload`` to plain layers, disable.
 """
@@ -32,7 +33,9 @@ from conftest import (
     spread_singular_values,
     train_steps,
 )
-from vectorfit import AdapterError, SVDLinear, VectorFitConfig, VectorFitModel, get_vectorfit_model
+from peft import PeftModel
+
+from vectorfit import AdapterError, VectorFitConfig, VectorFitLayer, VectorFitModel, get_vectorfit_model
 
 # fp32 round-off: the factorised path U (s * (Vh x)) differs from W x by a few ulps per layer.
 RTOL = 1e-5
@@ -46,7 +49,7 @@ def _config(arch, variant: str = "no_avf", **kw) -> VectorFitConfig:
 
 
 def _trained(arch, variant: str = "no_avf", seed: int = 0, steps: int = 3, spread: bool = False):
-    """(original base copy, trained VectorFitModel, inputs-with-labels)."""
+    """(original base copy, trained PeftModel over a VectorFitModel, inputs-with-labels)."""
     base = arch.build(seed)
     if spread:
         spread_singular_values(base, [n for n, _ in arch.expected_targets(base)], arch.conv1d)
@@ -79,7 +82,17 @@ def test_outputs_equal_base_at_init(arch, variant):
     sigma_roles, bias_roles, _ = SPEC_VARIANTS[variant]
     expected = {n for n, r in arch.expected_targets(base) if r in sigma_roles | bias_roles}
     assert set(layers) == expected
-    assert all(isinstance(m, SVDLinear) for m in layers.values())
+    assert all(isinstance(m, VectorFitLayer) for m in layers.values())
+    # A layer is decomposed exactly where the variant trains its singular values (bias-only layers
+    # keep their dense weight), so the factorised path is what computed the outputs above.
+    roles = dict(arch.expected_targets(base))
+    for n, m in layers.items():
+        assert m.decomposed == (roles[n] in sigma_roles), n
+        if m.decomposed:
+            assert "default" in m.vectorfit_sigma and m.sigma is not None, n
+        else:
+            assert "default" not in m.vectorfit_sigma and m.sigma is None, n
+        assert ("default" in m.vectorfit_bias) == (roles[n] in bias_roles), n
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -150,24 +163,40 @@ def test_save_load_roundtrip_and_adapter_contents(arch, tmp_path):
     assert max_rel_diff(trained, logits_of(orig, inputs)) > 1e-4, "training did not move the outputs"
     out = tmp_path / "adapter"
     vf.save_pretrained(out)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # peft's layout (README.md is peft's model card); nothing else, in particular no base weights.
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
     tensors = load_file(str(out / "adapter_model.safetensors"))
     expected = {}
+    n_vectors = 0
     for t, _ in arch.expected_targets(orig):
         W = matrix_of(orig.get_submodule(t), arch.conv1d)
-        expected[f"{t}.sigma"] = (min(W.shape),)
-        expected[f"{t}.bias"] = (W.shape[0],)
+        expected[f"base_model.model.{t}.vectorfit_sigma"] = (min(W.shape),)
+        expected[f"base_model.model.{t}.vectorfit_bias"] = (W.shape[0],)
+        n_vectors += 2
     if arch.head:
         for k, v in orig.get_submodule(arch.head).state_dict().items():
-            expected[f"{arch.head}.{k}"] = tuple(v.shape)
-    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+            expected[f"base_model.model.{arch.head}.{k}"] = tuple(v.shape)
+    # The AVF controller's state (variant "vectorfit"): one EMA entry and one mask entry per vector.
+    avf = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("base_model.vectorfit_avf.")}
+    assert avf.pop("base_model.vectorfit_avf.ema") == (n_vectors,)
+    assert avf.pop("base_model.vectorfit_avf.frozen_mask") == (n_vectors,)
+    assert set(avf) == {f"base_model.vectorfit_avf.{b}" for b in ("num_done", "schedule_spec", "frozen_history")}
+    assert {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("base_model.vectorfit_avf.")} == expected
     vectors = vf.trainable_vectors()
+    assert len(vectors) == n_vectors
     for name, p in vectors.items():
-        assert torch.equal(tensors[name], p.detach().to(tensors[name].dtype))
+        module, _, kind = name.rpartition(".")
+        key = f"base_model.model.{module}.vectorfit_{kind}"
+        assert torch.equal(tensors[key], p.detach().to(tensors[key].dtype)), key
+    if arch.head:
+        head = vf.get_submodule(f"base_model.model.{arch.head}").modules_to_save["default"]
+        for k, v in head.state_dict().items():
+            assert torch.equal(tensors[f"base_model.model.{arch.head}.{k}"], v), k
 
     fresh = arch.build(0)
     loaded = VectorFitModel.from_pretrained(fresh, out)
+    assert isinstance(loaded, PeftModel) and isinstance(loaded.base_model, VectorFitModel)
     assert_close_rel(logits_of(loaded, inputs), trained, RTOL, f"{arch.name} outputs after save -> load")
     assert not any(p.requires_grad for p in loaded.parameters()), "a loaded adapter is frozen unless is_trainable=True"
 
@@ -182,9 +211,10 @@ def test_wrong_base_is_refused_naming_first_mismatch(arch, tmp_path):
     vf.save_pretrained(tmp_path / "a")
 
     other = arch.build(seed=1)
-    with pytest.raises(AdapterError) as e:
+    with pytest.raises(AdapterError, match="base model mismatch at module") as e:
         VectorFitModel.from_pretrained(other, tmp_path / "a")
-    assert repr(targets[0]) in str(e.value)
+    # Every target differs here: the error names one of them (which one: see the model-order test below).
+    assert sum(repr(t) in str(e.value) for t in targets) == 1, str(e.value)
     assert not any(_is_vectorfit_module(m) for m in other.modules()), "a refused base must be left untouched"
 
     # Same base except one matrix in the middle: the error names exactly that one.
@@ -197,6 +227,20 @@ def test_wrong_base_is_refused_naming_first_mismatch(arch, tmp_path):
     msg = str(e.value)
     assert repr(mid) in msg
     assert not any(repr(t) in msg for t in targets if t != mid)
+
+
+# The record is stored sorted (bert: "attention.output.dense" sorts before "attention.self.query"; llama: "mlp.down_proj" before
+# "self_attn.q_proj"; t5: "decoder..." before "encoder..."), but the error names the first in model order.
+@pytest.mark.parametrize("name", ["bert", "llama", "t5"])
+def test_wrong_base_error_names_the_first_target_in_model_order(name, tmp_path):
+    arch = ARCHS[name]
+    base = arch.build(0)
+    targets = [n for n, _ in arch.expected_targets(base)]
+    assert sorted(targets)[0] != targets[0]  # else this test could not tell the two orders apart
+    get_vectorfit_model(base, _config(arch)).save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterError) as e:
+        VectorFitModel.from_pretrained(arch.build(seed=1), tmp_path / "a")
+    assert repr(targets[0]) in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -215,7 +259,7 @@ def test_merge_equivalence_idempotence_and_unmerge(arch):
     # The factorised path is live again: moving a singular value moves the outputs.
     with torch.no_grad():
         for _, layer in vf.vectorfit_layers():
-            layer.sigma.mul_(2.0)
+            layer.vectorfit_sigma["default"].mul_(2.0)
     assert max_rel_diff(logits_of(vf, inputs), adapted) > 1e-3, "after unmerge, the singular values no longer act"
 
 

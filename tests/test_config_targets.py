@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import ARCHS, make_tiny_bert, make_tiny_gpt2, make_tiny_llama, make_tiny_t5, make_tiny_vit
-from vectorfit import AVFConfig, ConfigError, SVDLinear, TargetError, VectorFitConfig, get_vectorfit_model
+from vectorfit import AVFConfig, ConfigError, TargetError, VectorFitConfig, VectorFitLayer, get_vectorfit_model
 from vectorfit.targets import find_targets
 
 
@@ -78,18 +78,44 @@ def test_resolve_errors_name_argument_and_value():
     _raises(ConfigError, lambda: AVFConfig().resolve(100, steps_per_epoch=0), "steps_per_epoch", 0)
 
 
-def test_unknown_field_in_from_dict():
+def test_unknown_fields(tmp_path):
+    # VectorFitConfig is a dataclass: an unknown keyword is refused, naming it.
+    with pytest.raises(TypeError, match="'rank'"):
+        VectorFitConfig(variant="sigma", rank=8)
+    # An AVF schedule given as a dict is checked by vectorfit.
     with pytest.raises(ConfigError, match="rank"):
-        VectorFitConfig.from_dict({"variant": "sigma", "rank": 8})
+        VectorFitConfig(avf={"k": 3, "rank": 8})
+    # adapter_config.json: peft's rule (a field of a newer release is ignored, with a warning naming it).
+    VectorFitConfig(variant="sigma").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    d = json.loads(path.read_text())
+    d["rank"] = 8
+    path.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="rank"):
+        loaded = VectorFitConfig.from_pretrained(str(tmp_path))
+    assert loaded.variant == "sigma" and not hasattr(loaded, "rank")
 
 
-def test_config_dict_round_trip():
+def test_config_dict_round_trip(tmp_path):
     cfg = VectorFitConfig(variant="vectorfit", target_modules=["query", "value"], exclude_modules=r".*layer\.0\..*",
                           modules_to_save=["classifier"], avf=AVFConfig(k=3, start_step=10, interval=5, num_freezes=4))
-    again = VectorFitConfig.from_dict(json.loads(cfg.to_json()))
+    d = json.loads(cfg.to_json())
+    assert d["peft_type"] == "VECTORFIT" and d["avf"] == {"k": 3, "beta": 0.99, "start_step": 10, "interval": 5, "num_freezes": 4}
+    again = VectorFitConfig(**d)
     assert again == cfg
     assert again.to_json() == cfg.to_json()
     assert again.avf == cfg.avf and isinstance(again.avf, AVFConfig)
+    # Through adapter_config.json (peft's save_pretrained / from_pretrained).
+    cfg.save_pretrained(str(tmp_path))
+    loaded = VectorFitConfig.from_pretrained(str(tmp_path))
+    assert loaded == cfg and isinstance(loaded.avf, AVFConfig)
+    # The machine-local fields are not written: they come back as their defaults.
+    local = VectorFitConfig(variant="sigma", svd_cache=False, cache_dir=str(tmp_path / "svd"), progress=False, check_base="warn")
+    local.save_pretrained(str(tmp_path / "local"))
+    saved = json.loads((tmp_path / "local" / "adapter_config.json").read_text())
+    assert not {"svd_cache", "cache_dir", "progress", "check_base"} & set(saved)
+    back = VectorFitConfig.from_pretrained(str(tmp_path / "local"))
+    assert (back.variant, back.svd_cache, back.cache_dir, back.progress, back.check_base) == ("sigma", True, None, None, "error")
 
 
 def test_k_larger_than_number_of_vectors():
@@ -200,7 +226,7 @@ def test_all_linear_on_a_model_applies():
     m = make_tiny_gpt2(0)
     vf = get_vectorfit_model(m, VectorFitConfig(variant="sigma", target_modules="all-linear"))
     assert [n for n, _ in vf.vectorfit_layers()] == [n for n in _linear_names(make_tiny_gpt2(0)) if n != "lm_head"]
-    assert type(vf.base_model.lm_head) is nn.Linear
+    assert type(vf.get_base_model().lm_head) is nn.Linear
 
 
 def test_exclude_modules_list_and_regex():
@@ -279,7 +305,7 @@ def test_unknown_transformers_architecture_lists_candidates():
     assert roles["model.decoder.layers.1.fc1"] == "mlp" and roles["model.decoder.layers.1.fc2"] == "mlp"
     vf = get_vectorfit_model(m, VectorFitConfig(variant="sigma_attn", target_modules=["q_proj", "out_proj", "fc1", "fc2"]))
     assert sorted(n.rsplit(".", 1)[-1] for n, _ in vf.vectorfit_layers()) == ["out_proj", "out_proj", "q_proj", "q_proj"]
-    assert all(isinstance(layer, SVDLinear) for _, layer in vf.vectorfit_layers())
+    assert all(isinstance(layer, VectorFitLayer) and layer.decomposed for _, layer in vf.vectorfit_layers())
 
 
 def test_toy_model_with_explicit_targets_trains():

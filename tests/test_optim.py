@@ -23,12 +23,22 @@ def test_groups_partition_the_trainable_parameters_by_kind():
     listed = [id(p) for g in groups for p in g["params"]]
     assert len(listed) == len(set(listed)) and set(listed) == trainable
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith(".sigma") for p in by["sigma"]["params"])
-    assert all(names[id(p)].endswith(".bias") and "classifier" not in names[id(p)] for p in by["bias"]["params"])
-    assert all("classifier" in names[id(p)] for p in by["head"]["params"])
+    assert all(names[id(p)].endswith(".vectorfit_sigma.default") for p in by["sigma"]["params"])
+    assert all(names[id(p)].endswith(".vectorfit_bias.default") and "classifier" not in names[id(p)] for p in by["bias"]["params"])
+    assert all(".classifier.modules_to_save.default." in names[id(p)] for p in by["head"]["params"])
+    assert len(by["head"]["params"]) == 2  # the head's weight and bias (peft's trained copy)
     assert (by["sigma"]["lr"], by["bias"]["lr"], by["head"]["lr"]) == (1e-3, 1e-4, 5e-3)
-    n_layers = sum(1 for _ in model.vectorfit_layers())
-    assert len(by["sigma"]["params"]) == len(by["bias"]["params"]) == n_layers
+    layers = [layer for _, layer in model.vectorfit_layers()]
+    # exactly the layers' own vector objects, in model order
+    assert [id(p) for p in by["sigma"]["params"]] == [id(layer.vectorfit_sigma["default"]) for layer in layers]
+    assert [id(p) for p in by["bias"]["params"]] == [id(layer.vectorfit_bias["default"]) for layer in layers]
+
+    # A parameter unfrozen by hand is none of the three kinds: it gets a group of its own, at lr.
+    ln = model.get_base_model().bert.embeddings.LayerNorm.weight
+    ln.requires_grad_(True)
+    groups = param_groups(model, lr=1e-3, bias_lr=1e-4, head_lr=5e-3)
+    assert [g["name"] for g in groups] == ["sigma", "bias", "head", "other"]
+    assert [id(p) for p in groups[-1]["params"]] == [id(ln)] and groups[-1]["lr"] == 1e-3
 
 
 def test_each_group_moves_by_its_own_rate_under_adam():

@@ -4,14 +4,22 @@ the inference cache work as with the paper's form."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from torch import nn
 
 from conftest import assert_close_rel, example_inputs, logits_of, make_tiny_bert, make_tiny_llama, train_steps
-from vectorfit import AVFConfig, ConfigError, SVDLinear, VectorFitConfig, VectorFitModel, get_vectorfit_model
+from vectorfit import AVFConfig, ConfigError, VectorFitConfig, VectorFitLayer, VectorFitModel, get_vectorfit_model
 
 
-def _vf(sigma_param: str, variant: str = "no_avf", build=make_tiny_bert, **kw) -> VectorFitModel:
+def _z(layer: VectorFitLayer) -> nn.Parameter:
+    """The trained singular-value parameter of the default adapter (z in the relative form, s in the absolute)."""
+    return layer.vectorfit_sigma["default"]
+
+
+def _vf(sigma_param: str, variant: str = "no_avf", build=make_tiny_bert, **kw):
     return get_vectorfit_model(build(), VectorFitConfig(variant=variant, modules_to_save=["classifier"] if build is make_tiny_bert else None,
                                                         sigma_param=sigma_param, svd_cache=False, **kw))
 
@@ -20,11 +28,18 @@ def test_exact_at_init_and_the_parameter_is_z():
     rel, ab = _vf("relative"), _vf("absolute")
     x = example_inputs(rel)
     assert torch.equal(logits_of(rel, x), logits_of(ab, x))  # s0 * (1 + 0) == s0 exactly
+    # Same parameter names in both forms (peft's vectorfit_sigma); the relative one holds z = 0, the
+    # absolute one s = s0.
     names = {n for n, p in rel.named_parameters() if p.requires_grad}
-    assert any(n.endswith(".sigma_delta") for n in names) and not any(n.endswith(".sigma") for n in names)
-    for _, layer in rel.vectorfit_layers():
-        assert torch.equal(layer.sigma_delta, torch.zeros_like(layer.sigma0))
+    assert names == {n for n, p in ab.named_parameters() if p.requires_grad}
+    assert any(".vectorfit_sigma." in n for n in names)
+    la = dict(ab.vectorfit_layers())
+    for name, layer in rel.vectorfit_layers():
+        assert layer.vectorfit_sigma_param["default"] == "relative" and la[name].vectorfit_sigma_param["default"] == "absolute"
+        assert torch.equal(_z(layer), torch.zeros_like(layer.sigma0))
+        assert rel.trainable_vectors()[f"{name}.sigma"] is _z(layer)
         assert torch.equal(layer.sigma, layer.sigma0)
+        assert torch.equal(_z(la[name]), la[name].sigma0) and layer.sigma0.abs().min() > 0
     assert rel.get_nb_trainable_parameters() == ab.get_nb_trainable_parameters()
 
 
@@ -36,8 +51,9 @@ def test_gradient_is_the_chain_rule_through_s():
     ab(**x).loss.backward()
     lr, la = dict(rel.vectorfit_layers()), dict(ab.vectorfit_layers())
     for name in lr:
-        expected = la[name].sigma0 * la[name].sigma.grad
-        torch.testing.assert_close(lr[name].sigma_delta.grad, expected, rtol=1e-5, atol=1e-9)
+        expected = la[name].sigma0 * _z(la[name]).grad
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(_z(lr[name]).grad, expected, rtol=1e-5, atol=1e-9)
 
 
 def test_adam_moves_each_singular_value_by_a_relative_amount():
@@ -45,10 +61,11 @@ def test_adam_moves_each_singular_value_by_a_relative_amount():
     x = example_inputs(rel, labels=True)
     layers = dict(rel.vectorfit_layers())
     before = {n: l.sigma.detach().clone() for n, l in layers.items()}
-    zs = [l.sigma_delta for l in layers.values()]
+    zs = [_z(l) for l in layers.values()]
     opt = torch.optim.Adam(zs, lr=1e-3, eps=1e-15)
     rel(**x).loss.backward()
-    live = {n: l.sigma_delta.grad.abs() > 1e-8 for n, l in layers.items()}
+    live = {n: _z(l).grad.abs() > 1e-8 for n, l in layers.items()}
+    assert all(m.sum() > 0 for m in live.values())
     opt.step()
     for n, l in layers.items():
         moved = (l.sigma.detach() - before[n]).abs()[live[n]]
@@ -64,8 +81,19 @@ def test_save_load_merge_round_trip(build, tmp_path):
     model.save_pretrained(tmp_path / "a")
     from safetensors.torch import load_file
 
-    keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
-    assert any(k.endswith(".sigma_delta") for k in keys) and not any(k.endswith(".sigma") for k in keys)
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["sigma_param"] == "relative"
+    # The file holds z (small, around 0), not s: the config's sigma_param says how to read it.
+    n_sigma = 0
+    for name, layer in model.vectorfit_layers():
+        key = f"base_model.model.{name}.vectorfit_sigma"
+        if "default" in layer.vectorfit_sigma:
+            assert torch.equal(tensors[key], _z(layer).detach()), key
+            s = layer.sigma.detach()
+            torch.testing.assert_close(layer.sigma0 * (1.0 + tensors[key]), s, rtol=1e-6, atol=0)  # s0 (1 + z)
+            assert (tensors[key] - s).abs().max() > 0.5 * layer.sigma0.max(), key  # z, not s itself
+            n_sigma += 1
+    assert n_sigma > 0
     loaded = VectorFitModel.from_pretrained(build(), tmp_path / "a", svd_cache=False)
     assert loaded.vectorfit_config.sigma_param == "relative"
     assert torch.equal(logits_of(loaded, x), trained)
@@ -83,14 +111,15 @@ def test_avf_freezes_z_and_ranks_by_the_strength_on_s():
         model.avf.step(step)
         if step == 2:
             frozen = list(model.avf.frozen)
-            layers = dict(model.vectorfit_layers())
-            params_of = {f"{n}.{a}": getattr(l, l.trained_attr(a)) for n, l in layers.items() for a in ("sigma", "bias")}
-            snap = {f: params_of[f].detach().clone() for f in frozen}
+            params_of = model.trainable_vectors()  # "<module>.sigma" -> z, "<module>.bias" -> b
+            assert len(params_of) == 2 * len(list(model.vectorfit_layers()))
+            snap = {f: p.detach().clone() for f, p in params_of.items()}
         opt.step()
         opt.zero_grad()
     assert len(frozen) == 3
     for f in frozen:
         assert torch.equal(params_of[f], snap[f]), f  # a frozen vector does not move, not even by decay
+    assert all(not torch.equal(p, snap[f]) for f, p in params_of.items() if f not in frozen)  # the others train
     strengths = model.training_strengths()
     for n, l in dict(model.vectorfit_layers()).items():
         by_hand = float((l.sigma.detach() - l.sigma0).abs().mean())
@@ -106,12 +135,12 @@ def test_inference_cache_follows_z_edits():
     assert all(getattr(l, "_vf_dense_cache", None) is not None for _, l in model.vectorfit_layers())
     with torch.no_grad():
         for _, layer in model.vectorfit_layers():
-            layer.sigma_delta.data.fill_(-0.5)  # .data: no version bump
+            _z(layer).data.fill_(-0.5)  # .data: no version bump
     halved = logits_of(model, x)
     ref = _vf("absolute").eval()
     with torch.no_grad():
         for _, layer in ref.vectorfit_layers():
-            layer.sigma.mul_(0.5)
+            _z(layer).mul_(0.5)
     assert_close_rel(halved, logits_of(ref, x), rtol=1e-5, what="after a .data edit")
 
 
@@ -119,4 +148,8 @@ def test_bad_sigma_param_is_named():
     with pytest.raises(ConfigError, match="sigma_param"):
         VectorFitConfig(sigma_param="log")
     with pytest.raises(ValueError, match="sigma_param"):
-        SVDLinear(torch.randn(4, 3), None, True, False, sigma_param="log")
+        VectorFitLayer(nn.Linear(3, 4), "default", True, False, sigma_param="log")
+    layer = VectorFitLayer(nn.Linear(3, 4), "default", True, False)
+    with pytest.raises(ValueError, match="sigma_param"):
+        layer.update_layer("other", True, False, sigma_param="log")
+    assert "other" not in layer.vectorfit_sigma

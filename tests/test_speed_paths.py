@@ -7,11 +7,13 @@ shapes, fp32 values and gradients on realistic shapes, bf16 autocast with a loos
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vectorfit import SVDLinear
+from vectorfit import VectorFitLayer
 from vectorfit.functional import choose_path, force_path, low_memory, low_memory_enabled, svd_linear
 
 PATHS = ["factorised", "dense"]
@@ -161,23 +163,35 @@ def test_selector_choices():
 
 # --------------------------------------------------------------------------------- the layer
 def _layer(train_sigma=True, train_bias=True, dtype=torch.float32):
+    """(an untouched copy of the Linear, a VectorFitLayer wrapping the Linear itself)."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 24).to(dtype)
-    return lin, SVDLinear(lin.weight, lin.bias, train_sigma, train_bias)
+    ref = copy.deepcopy(lin)  # the layer releases lin's dense weight once decomposed
+    return ref, VectorFitLayer(lin, "default", train_sigma, train_bias)
+
+
+def _s(layer):
+    """The default adapter's trained singular values (absolute form: s itself)."""
+    return layer.vectorfit_sigma["default"]
+
+
+def _b(layer):
+    """The default adapter's trained bias (``layer.bias`` is peft's view of the base layer's bias)."""
+    return layer.vectorfit_bias["default"]
 
 
 @pytest.mark.parametrize("path", PATHS + ["auto"])
 def test_layer_fast_path_equals_reference(path):
     _, layer = _layer()
     with torch.no_grad():
-        layer.sigma.mul_(1.2)
-        layer.bias.add_(0.1)
+        _s(layer).mul_(1.2)
+        _b(layer).add_(0.1)
     x = torch.randn(4, 9, 32, requires_grad=True)
-    y_ref = reference(x, layer.U, layer.Vh, layer.sigma, layer.bias)
-    gs_ref, gb_ref, gx_ref = torch.autograd.grad(y_ref.square().sum(), (layer.sigma, layer.bias, x))
+    y_ref = reference(x, layer.U, layer.Vh, _s(layer), _b(layer))
+    gs_ref, gb_ref, gx_ref = torch.autograd.grad(y_ref.square().sum(), (_s(layer), _b(layer), x))
     with force_path(path):
         y = layer(x)
-    gs, gb, gx = torch.autograd.grad(y.square().sum(), (layer.sigma, layer.bias, x))
+    gs, gb, gx = torch.autograd.grad(y.square().sum(), (_s(layer), _b(layer), x))
     for a, r in ((y, y_ref), (gs, gs_ref), (gb, gb_ref), (gx, gx_ref)):
         assert rel(a, r) < 1e-5
 
@@ -187,15 +201,29 @@ def test_layer_modes_unchanged():
     lin, layer = _layer()
     x = torch.randn(3, 32)
     with torch.no_grad():
-        layer.sigma.mul_(1.1)
-        assert rel(layer(x), reference(x, layer.U, layer.Vh, layer.sigma, layer.bias)) < 1e-5
-        layer.disabled = True
+        _s(layer).mul_(1.1)
+        _b(layer).add_(0.05)
+        adapted = reference(x, layer.U, layer.Vh, _s(layer), _b(layer))
+        assert rel(layer(x), adapted) < 1e-5
+        assert rel(adapted, lin(x)) > 1e-2  # the edits above are visible
+        layer.enable_adapters(False)  # peft's switch (what PeftModel.disable_adapter() flips)
+        assert layer.disable_adapters
         assert rel(layer(x), lin(x)) < 1e-5
-        layer.disabled = False
+        layer.enable_adapters(True)
+        assert rel(layer(x), adapted) < 1e-5
         layer.merge()
-        assert torch.equal(layer(x), F.linear(x, layer.merged_weight, layer.bias))
+        assert layer.merged and layer.merged_adapters == ["default"]
+        # merged: one dense matmul with W = U diag(s) Vh (built in float32) and the trained bias
+        W = (layer.U.double() * _s(layer).double()) @ layer.Vh.double()
+        assert rel(layer.dense_weight(_s(layer)), W) < 1e-6
+        assert torch.equal(layer(x), F.linear(x, layer.dense_weight(_s(layer)), _b(layer)))
+        assert rel(layer(x), adapted) < 1e-5
         layer.unmerge()
+        assert not layer.merged
+        _s(layer).mul_(1.1)  # the factorised path is live again
+        assert rel(layer(x), reference(x, layer.U, layer.Vh, _s(layer), _b(layer))) < 1e-5
     lin2, bias_only = _layer(train_sigma=False)
+    assert not bias_only.decomposed and bias_only.sigma is None and "default" not in bias_only.vectorfit_sigma
     assert torch.equal(bias_only(x), lin2(x))
 
 
@@ -332,7 +360,8 @@ def test_low_memory_model_saves_one_weight_per_dense_layer_less():
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     vf = get_vectorfit_model(base, VectorFitConfig(variant="no_avf", modules_to_save=["classifier"]))
-    layers = [m for m in vf.modules() if isinstance(m, SVDLinear) and m.sigma is not None]
+    layers = [m for m in vf.modules() if isinstance(m, VectorFitLayer) and m.decomposed]
+    assert len(layers) == 12
     state = {t.untyped_storage().data_ptr() for t in list(vf.parameters()) + list(vf.buffers())}
     needs_dx = {}  # layer -> whether its input needs a gradient (layer 0's q/k/v: no, frozen embeddings)
     hooks = [m.register_forward_hook(lambda m, i, o: needs_dx.__setitem__(m, i[0].requires_grad)) for m in layers]
@@ -343,7 +372,7 @@ def test_low_memory_model_saves_one_weight_per_dense_layer_less():
             loss, saved = _saved_storages(lambda: vf(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss)
         loss.backward()
         activations = sum(nb for ptr, nb in saved.items() if ptr not in state)
-        out[low] = (activations, [m.sigma.grad.clone() for m in layers])
+        out[low] = (activations, [_s(m).grad.clone() for m in layers])
         vf.zero_grad()
     for h in hooks:
         h.remove()
@@ -372,7 +401,7 @@ def test_autocast_factor_casts_are_kept_between_training_calls():
         assert layer._vf_cast_cache[1] is not first[1]
         assert torch.equal(layer._vf_cast_cache[1], layer.U.to(torch.bfloat16))
         assert rel(y3, reference(x.to(torch.bfloat16), layer.U.to(torch.bfloat16), layer.Vh.to(torch.bfloat16),
-                                 layer.sigma, layer.bias)) < 2e-2
+                                 _s(layer), _b(layer))) < 2e-2
         y3.float().sum().backward()
         with torch.no_grad():
             layer(x)
@@ -489,7 +518,8 @@ def test_low_memory_decoder_keeps_shared_inputs_once(attn):
     from vectorfit import VectorFitConfig, get_vectorfit_model
 
     vf = get_vectorfit_model(_tiny_llama(attn), VectorFitConfig(variant="vectorfit"))
-    layers = [m for m in vf.modules() if isinstance(m, SVDLinear) and m.sigma is not None]
+    layers = [m for m in vf.modules() if isinstance(m, VectorFitLayer) and m.decomposed]
+    assert len(layers) == 14
     state = {t.untyped_storage().data_ptr() for t in list(vf.parameters()) + list(vf.buffers())}
     ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     n, d = ids.numel(), 32
@@ -499,7 +529,7 @@ def test_low_memory_decoder_keeps_shared_inputs_once(attn):
             loss, saved = _saved_storages(lambda: vf(input_ids=ids, labels=ids).loss)
         loss.backward()
         out[mode] = (sum(nb for p, nb in saved.items() if p not in state),
-                     [m.sigma.grad.clone() for m in layers], [m.bias.grad.clone() for m in layers])
+                     [_s(m).grad.clone() for m in layers], [_b(m).grad.clone() for m in layers])
         vf.zero_grad()
     blocks = 2
     o_input = n * d * 4 if attn == "eager" else 0

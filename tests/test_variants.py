@@ -20,7 +20,7 @@ from conftest import (
     make_tiny_qwen2,
     train_steps,
 )
-from vectorfit import AVFConfig, AdaptiveVectorFreezing, ConfigError, SVDLinear, VectorFitConfig, get_vectorfit_model
+from vectorfit import AVFConfig, AdaptiveVectorFreezing, ConfigError, VectorFitConfig, VectorFitLayer, get_vectorfit_model
 
 VARIANT_NAMES = list(SPEC_VARIANTS)
 NON_AVF = [v for v in VARIANT_NAMES if not SPEC_VARIANTS[v][2]]
@@ -82,9 +82,18 @@ def test_variant_trains_exactly_the_spec_vectors(name, variant):
             expected_vectors.append(f"{t}.bias")
     assert list(vf.trainable_vectors()) == expected_vectors  # also in model order
 
-    trainable = {n.removeprefix("base_model."): p for n, p in vf.named_parameters() if p.requires_grad}
-    head_params = {n: p for n, p in trainable.items() if arch.head and n.startswith(arch.head + ".")}
-    assert set(trainable) - set(head_params) == set(expected_vectors), "something besides the SPEC vectors (and the head) trains"
+    # peft's names: base_model.model.<module>.vectorfit_<kind>.default, heads in a ModulesToSaveWrapper.
+    trainable = {n.removeprefix("base_model.model."): p for n, p in vf.named_parameters() if p.requires_grad}
+    head_params = {n: p for n, p in trainable.items() if arch.head and n.startswith(f"{arch.head}.modules_to_save.default.")}
+    as_vectors = {}
+    for n, p in trainable.items():
+        if n in head_params:
+            continue
+        module, kind, adapter = n.rsplit(".", 2)
+        assert adapter == "default" and kind in ("vectorfit_sigma", "vectorfit_bias"), f"{n} trains"
+        as_vectors[f"{module}.{kind.removeprefix('vectorfit_')}"] = p
+    assert set(as_vectors) == set(expected_vectors), "something besides the SPEC vectors (and the head) trains"
+    assert all(as_vectors[n] is p for n, p in vf.trainable_vectors().items())
     assert sum(p.numel() for p in head_params.values()) == head_numel
     # Singular-value vectors have the rank's length, biases the output size.
     for n, p in vf.trainable_vectors().items():
@@ -95,14 +104,20 @@ def test_variant_trains_exactly_the_spec_vectors(name, variant):
 
     plain = Conv1D if arch.conv1d else nn.Linear
     for t, role in targets:
-        m = vf.base_model.get_submodule(t)
+        m = vf.get_base_model().get_submodule(t)
         if role not in sigma_roles | bias_roles:  # e.g. f1/f2 in sigma_attn: left exactly as they were
             assert type(m) is plain, f"{t} should stay a plain {plain.__name__}, is {type(m).__name__}"
             assert torch.equal(m.weight, originals[t])
         else:
-            assert isinstance(m, SVDLinear), t
-            if role not in sigma_roles:  # bias only: no decomposition, no singular values
-                assert getattr(m, "sigma", None) is None, t
+            assert isinstance(m, VectorFitLayer), t
+            assert type(m.base_layer) is plain, t
+            assert ("default" in m.vectorfit_sigma) == (role in sigma_roles), t
+            assert ("default" in m.vectorfit_bias) == (role in bias_roles), t
+            if role not in sigma_roles:  # bias only: no decomposition, no singular values, the dense weight kept
+                assert not m.decomposed and m.sigma is None and m.U is None, t
+                assert torch.equal(m.base_layer.weight, originals[t]), t
+            else:
+                assert m.decomposed and m.sigma is not None, t
 
     if uses_avf:
         assert isinstance(vf.avf, AdaptiveVectorFreezing)
@@ -116,13 +131,19 @@ def test_variant_trains_exactly_the_spec_vectors(name, variant):
 
 
 def test_total_parameter_count():
-    """total = base parameters + added singular values + added biases."""
+    """total = base parameters - the decomposed dense weights + their frozen factors U (d_out x r) and
+    Vh (r x d_in) + added singular values + added biases."""
     base = make_tiny_llama(0)
     n_base = sum(p.numel() for p in base.parameters())
     vf = get_vectorfit_model(base, VectorFitConfig(variant="no_avf"))
     shapes = matrix_shapes("llama", base.config)
     added = sum(min(o, i) + o for _, o, i in shapes)  # Llama has no biases: every one is new
-    assert vf.get_nb_trainable_parameters() == (added, n_base + added)
+    dense = sum(o * i for _, o, i in shapes)  # released once decomposed (a placeholder, not a parameter)
+    factors = sum(min(o, i) * (o + i) for _, o, i in shapes)
+    assert vf.get_nb_trainable_parameters() == (added, n_base - dense + factors + added)
+    frozen = {n for n, p in vf.named_parameters() if not p.requires_grad}
+    assert not any(n.endswith(".base_layer.weight") for n in frozen), "a decomposed weight is still a parameter"
+    assert sum(n.endswith((".U", ".Vh")) for n in frozen) == 2 * len(shapes)
 
 
 @pytest.mark.slow

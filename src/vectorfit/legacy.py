@@ -12,7 +12,6 @@ what the old one did.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -39,14 +38,6 @@ def is_legacy_adapter(path: Union[str, Path]) -> bool:
     return isinstance(meta, dict) and meta.get("format") == LEGACY_FORMAT
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_legacy_adapter(src: Union[str, Path], dst: Union[str, Path]) -> Path:
     """Write the vectorfit 0.1 adapter at ``src`` in peft's layout into ``dst`` (created; ``dst``'s
     adapter files are replaced atomically, weights first, config last).
@@ -57,7 +48,7 @@ def convert_legacy_adapter(src: Union[str, Path], dst: Union[str, Path]) -> Path
     Raises:
         AdapterError: ``src`` is not a 0.1 adapter, or its files are damaged.
     """
-    from .config import VectorFitConfig
+    from .config import VectorFitConfig, _sha256
 
     src, dst = Path(src), Path(dst)
     cfg_path, w_path = src / "adapter_config.json", src / "adapter_model.safetensors"

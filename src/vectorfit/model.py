@@ -121,7 +121,9 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
 
     def _check_record(self, model: nn.Module, config: VectorFitConfig, existing: dict) -> tuple[dict, dict]:
         """Verify a loaded adapter's record against ``model``; returns ``(roles, fingerprints)``."""
-        saved = config.targets
+        # adapter_config.json is written with sorted keys: check (and name the first mismatch) in model order.
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        saved = dict(sorted(config.targets.items(), key=lambda kv: order.get(kv[0], len(order))))
         found, fps = {}, {}
         for name, info in saved.items():
             try:

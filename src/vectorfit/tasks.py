@@ -52,9 +52,15 @@ def check_task_heads(model: nn.Module, config: "VectorFitConfig") -> None:
     from .errors import ConfigError
 
     heads = TASK_HEADS.get(config.task_type or "", ())
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in config.modules_to_save or []:
+        if entry not in heads and not any(_matches(n, entry) for n in names):
+            raise ConfigError(
+                f"VectorFitConfig.modules_to_save entry {entry!r} matches no module of this {type(model).__name__}; "
+                f"top-level modules are {[n for n, _ in model.named_children()]}"
+            )
     if not heads:
         return
-    names = [n for n, _ in model.named_modules() if n]
     wanted = [*heads, *[m for m in (config.modules_to_save or []) if m not in heads]]
     if not any(_matches(n, h) for n in names for h in wanted):
         raise ConfigError(
