@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import VOCAB, make_tiny_gpt2, make_tiny_llama, train_steps
 
-from vectorfit import SVDLinear, VectorFitConfig, VectorFitModel, get_vectorfit_model
+from vectorfit import VectorFitConfig, VectorFitLayer, VectorFitModel, get_vectorfit_model
 from vectorfit_recipes import cli
 from vectorfit_recipes import generate_cli
 
@@ -41,7 +41,7 @@ def _generate(model, use_cache: bool = True):
                               pad_token_id=PAD, use_cache=use_cache, output_logits=True, return_dict_in_generate=True)
 
 
-def _trained(arch: str) -> VectorFitModel:
+def _trained(arch: str):
     """The default variant (singular values and biases; Llama's zero-initialised biases) after a few
     AdamW steps of next-token loss on random sequences."""
     vf = get_vectorfit_model(BUILDERS[arch](0), VectorFitConfig())
@@ -68,11 +68,14 @@ def _smallest_margin(out) -> float:
 def test_wrapped_reloaded_and_merged_generate_the_same_tokens(arch, tmp_path):
     vf = _trained(arch)
     layers = dict(vf.vectorfit_layers())
+    sigma_layers = [layer for layer in layers.values() if "default" in layer.vectorfit_sigma]
+    bias_layers = [layer for layer in layers.values() if "default" in layer.vectorfit_bias]
+    assert sigma_layers and bias_layers
     # the adapter changed something: singular values and biases moved
-    assert max(float((layer.sigma.detach() - layer.sigma0).abs().max()) for layer in layers.values() if layer.train_sigma) > 1e-3
-    assert max(float((layer.bias.detach() - layer.bias0).abs().max()) for layer in layers.values() if layer.train_bias) > 1e-3
+    assert max(float((layer.sigma.detach() - layer.sigma0).abs().max()) for layer in sigma_layers) > 1e-3
+    assert max(float((layer.vectorfit_bias["default"].detach() - layer.bias0).abs().max()) for layer in bias_layers) > 1e-3
     if arch == "gpt2":  # GPT-2's attention and MLP matrices are transposed Conv1D layers
-        assert vf._targets and all(info["conv1d"] for info in vf._targets.values())
+        assert all(layer.conv1d and type(layer.base_layer).__name__ == "Conv1D" for layer in layers.values())
 
     wrapped = _generate(vf)
     base = _generate(BUILDERS[arch](0))
@@ -86,10 +89,12 @@ def test_wrapped_reloaded_and_merged_generate_the_same_tokens(arch, tmp_path):
     no_cache = _generate(vf, use_cache=False)
     assert torch.equal(no_cache.sequences, wrapped.sequences) and _logit_gap(no_cache, wrapped) < LOGIT_RTOL
     # while sigma does not change, generation runs on the cached dense weight (one GEMM per layer)
-    assert all(getattr(layer, "_vf_dense_cache", None) is not None for layer in layers.values() if layer.train_sigma)
+    assert all(getattr(layer, "_vf_dense_cache", None) is not None for layer in sigma_layers)
 
     # (b) saved, then reloaded onto a fresh copy of the base
     vf.save_pretrained(tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["targets"]
+    assert set(record) == set(layers) and all(info["conv1d"] == (arch == "gpt2") for info in record.values())
     reloaded = VectorFitModel.from_pretrained(BUILDERS[arch](0), tmp_path / "adapter")
     out = _generate(reloaded)
     assert torch.equal(out.sequences, wrapped.sequences) and _logit_gap(out, wrapped) < LOGIT_RTOL
@@ -100,7 +105,7 @@ def test_wrapped_reloaded_and_merged_generate_the_same_tokens(arch, tmp_path):
     assert torch.equal(out.sequences, wrapped.sequences) and _logit_gap(out, wrapped) < LOGIT_RTOL
     vf.unmerge()
     merged = vf.merge_and_unload()
-    assert not any(isinstance(m, SVDLinear) for m in merged.modules())
+    assert not any(isinstance(m, VectorFitLayer) for m in merged.modules())
     out = _generate(merged)
     assert torch.equal(out.sequences, wrapped.sequences) and _logit_gap(out, wrapped) < LOGIT_RTOL
 

@@ -1,6 +1,6 @@
 """What a peft user reaches for first (issue 13, items 3, 4 and 8): ``task_type``, the warning for a
-new head that would stay frozen, ``unload()``, clear errors for adapter methods forwarded to the base
-model, and the progress bar of the first SVD."""
+new head that would stay frozen, ``unload()``, peft's own adapter switches and state dict, and the
+progress bar of the first SVD."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from conftest import (
 )
 from torch import nn
 
-from vectorfit import ConfigError, SVDLinear, VectorFitConfig, VectorFitModel, VectorFitWarning, get_vectorfit_model
+from vectorfit import ConfigError, VectorFitConfig, VectorFitLayer, VectorFitModel, VectorFitWarning, get_vectorfit_model
 from vectorfit import progress as progress_mod
-from vectorfit.unsupported import UNSUPPORTED
 
 
 def _bert_config(**kw) -> T.BertConfig:
@@ -55,15 +54,23 @@ def _seeded(cls, config):
     ("FEATURE_EXTRACTION", lambda: _seeded(T.BertModel, _bert_config()), None),
 ])
 def test_task_type_adds_the_task_head_as_peft_does(task, builder, expected):
+    from peft.utils.other import ModulesToSaveWrapper
+
     model = builder()
     vf = get_vectorfit_model(model, VectorFitConfig(task_type=task, variant="no_avf"))
-    assert vf.vectorfit_config.task_type == task
-    assert vf.vectorfit_config.modules_to_save == expected
-    heads = [n for n, p in vf.named_parameters() if p.requires_grad and ".trained_module." in n]
+    config = vf.peft_config["default"]
+    assert config.task_type == task
+    wrapped = [n for n, m in vf.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert wrapped == (expected or [])  # the head the model has, wrapped once
+    heads = [n for n, p in vf.named_parameters() if p.requires_grad and ".modules_to_save." in n]
     if expected:
-        assert heads and all(n.startswith(f"base_model.{expected[0]}.trained_module.") for n in heads)
+        # peft's rule: the task's head names (classifier / score for SEQ_CLS) go into modules_to_save
+        assert set(expected) <= set(config.modules_to_save)
+        assert heads and all(n.startswith(f"base_model.model.{expected[0]}.modules_to_save.default.") for n in heads)
+        head = vf.base_model.model.get_submodule(expected[0])
+        assert {n for n, p in head.modules_to_save["default"].named_parameters()} == {n for n, _ in head.original_module.named_parameters()}
     else:
-        assert heads == []
+        assert config.modules_to_save is None and heads == []
 
 
 def test_task_type_accepts_peft_enum_and_lower_case_and_names_bad_values():
@@ -77,10 +84,13 @@ def test_task_type_accepts_peft_enum_and_lower_case_and_names_bad_values():
 def test_task_type_without_its_head_is_an_error_and_explicit_heads_are_kept():
     with pytest.raises(ConfigError, match=r"task_type='SEQ_CLS' expects a task head named 'classifier' or 'score'.*GPT2LMHeadModel"):
         get_vectorfit_model(make_tiny_gpt2(0), VectorFitConfig(task_type="SEQ_CLS"))
+    from peft.utils.other import ModulesToSaveWrapper
+
     user = VectorFitConfig(task_type="SEQ_CLS", modules_to_save=["classifier"])
     vf = get_vectorfit_model(make_tiny_bert(0), user)
-    assert vf.vectorfit_config.modules_to_save == ["classifier"]  # not added twice
-    assert user.modules_to_save == ["classifier"]  # the caller's config is not modified
+    assert "classifier" in vf.peft_config["default"].modules_to_save
+    # the head is wrapped once, though peft appends the task's head names to the list again
+    assert [n for n, m in vf.base_model.model.named_modules() if isinstance(m, ModulesToSaveWrapper)] == ["classifier"]
 
 
 def test_task_type_round_trips_through_an_adapter(tmp_path):
@@ -91,7 +101,8 @@ def test_task_type_round_trips_through_an_adapter(tmp_path):
     vf.eval()
     vf.save_pretrained(tmp_path)
     loaded = VectorFitModel.from_pretrained(make_tiny_bert(0), tmp_path)
-    assert loaded.vectorfit_config.task_type == "SEQ_CLS"
+    assert type(loaded).__name__ == "PeftModelForSequenceClassification"
+    assert loaded.peft_config["default"].task_type == "SEQ_CLS"
     assert_close_rel(logits_of(loaded, x), logits_of(vf, x), rtol=1e-6)
 
 
@@ -100,7 +111,8 @@ def test_save_pretrained_writes_only_on_the_main_process(tmp_path):
     vf = get_vectorfit_model(make_tiny_bert(0), VectorFitConfig(task_type="SEQ_CLS"))
     vf.save_pretrained(tmp_path / "other", is_main_process=False)
     vf.save_pretrained(tmp_path / "other", selected_adapters=["default"], is_main_process=False)
-    assert not (tmp_path / "other").exists()
+    # (peft itself creates the folder on every rank; no file is written there)
+    assert not (tmp_path / "other").exists() or not any(p.is_file() for p in (tmp_path / "other").rglob("*"))
     vf.save_pretrained(tmp_path / "main", is_main_process=True)
     assert (tmp_path / "main" / "adapter_config.json").is_file()
 
@@ -115,7 +127,7 @@ def test_warns_when_a_newly_initialised_head_would_stay_frozen(tmp_path):
     with pytest.warns(VectorFitWarning, match=r"classifier: newly initialised by from_pretrained.*task_type='SEQ_CLS'.*modules_to_save=\['classifier'\]"):
         get_vectorfit_model(_pretrained_bert_without_head(tmp_path), VectorFitConfig())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", VectorFitWarning)  # (transformers' own deprecation notices are not ours)
         get_vectorfit_model(_pretrained_bert_without_head(tmp_path), VectorFitConfig(task_type="SEQ_CLS"))
         get_vectorfit_model(_pretrained_bert_without_head(tmp_path), VectorFitConfig(modules_to_save=["classifier"]))
         # A model built from a config carries no loading information: no guess, no warning.
@@ -133,21 +145,39 @@ def test_unload_gives_back_the_original_model(builder, variant):
     head = ["classifier"] if hasattr(reference, "classifier") else None
     vf = get_vectorfit_model(builder(0), VectorFitConfig(variant=variant, modules_to_save=head))
     vf.train()
-    train_steps(vf, x, steps=3)  # the trained vectors and head must not survive unload
+    train_steps(vf, x, steps=3)  # the trained vectors must not survive unload
     vf.eval()
     assert (logits_of(vf, x) - expected).abs().max() > 1e-3
+    if head:
+        trained_head = {k: t.detach().clone() for k, t in vf.base_model.model.classifier.modules_to_save["default"].state_dict().items()}
+        assert not torch.equal(trained_head["weight"], reference.classifier.weight)
     base = vf.unload()
     assert type(base) is type(reference)
-    assert not any(isinstance(m, SVDLinear) for m in base.modules())
+    assert not any(isinstance(m, VectorFitLayer) for m in base.modules())
+    if head:
+        # peft's unload() keeps a modules_to_save head's trained copy (for every peft method, LoRA too);
+        # everything VectorFit changed is the original again. Reference: the original model with that head.
+        with torch.no_grad():
+            reference.classifier.load_state_dict(trained_head)
+        expected = logits_of(reference, x)
     assert_close_rel(logits_of(base, x), expected, rtol=2e-6)
-    assert list(base.state_dict()) == list(reference.state_dict())
-    for (n, a), (_, b) in zip(base.state_dict().items(), reference.state_dict().items()):
+    assert sorted(base.state_dict()) == sorted(reference.state_dict())  # (their order: see the test below)
+    ref_state = reference.state_dict()
+    for n, a in base.state_dict().items():
+        b = ref_state[n]
         assert a.shape == b.shape and a.dtype == b.dtype, n
         if "bias" in n or "classifier" in n or "norm" in n.lower() or "embed" in n:
             assert torch.equal(a, b), n  # biases, heads and untouched modules: bit for bit
     # Layers without a bias stay without one (VectorFit trained a zero bias on them).
     if builder is make_tiny_llama:
         assert base.model.layers[0].self_attn.q_proj.bias is None
+
+
+@pytest.mark.parametrize("builder", [make_tiny_bert, make_tiny_gpt2])
+def test_unload_keeps_the_state_dict_order(builder):
+    reference = builder(0)
+    base = get_vectorfit_model(builder(0), VectorFitConfig(variant="no_avf")).unload()
+    assert list(base.state_dict()) == list(reference.state_dict())
 
 
 def test_unload_is_exact_for_bias_only_layers():
@@ -158,12 +188,34 @@ def test_unload_is_exact_for_bias_only_layers():
         assert torch.equal(base.get_submodule(name).weight, reference.get_submodule(name).weight), name
 
 
-# --------------------------------------------------------------------- forwarded adapter methods
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_forwarded_adapter_methods_raise_a_clear_error(name):
-    vf = get_vectorfit_model(make_tiny_bert(0), VectorFitConfig(variant="no_avf"))
-    with pytest.raises(NotImplementedError, match=rf"VectorFitModel\.{name}\(\) is not supported.*Instead: "):
-        getattr(vf, name)("x")
+# ------------------------------------------------------------------- peft's adapter switches
+def test_peft_switches_and_state_dict_act_on_the_vectorfit_adapter():
+    """What vectorfit 0.1 answered with 'not supported, use ...': peft's own methods now do it."""
+    from peft import get_peft_model_state_dict
+
+    reference = make_tiny_bert(0)
+    x = example_inputs(reference, labels=True)
+    expected = logits_of(reference, x)
+    vf = get_vectorfit_model(make_tiny_bert(0), VectorFitConfig(variant="no_avf", modules_to_save=["classifier"]))
+    vf.train()
+    train_steps(vf, x, steps=3)
+    vf.eval()
+    trained = logits_of(vf, x)
+    assert (trained - expected).abs().max() > 1e-3
+    vf.base_model.disable_adapter_layers()
+    assert_close_rel(logits_of(vf, x), expected, rtol=2e-6)
+    vf.base_model.enable_adapter_layers()
+    assert_close_rel(logits_of(vf, x), trained, rtol=1e-6)  # (factorised or cached dense W: round-off apart)
+    state = get_peft_model_state_dict(vf)
+    vectors = vf.trainable_vectors()
+    layers = dict(vf.vectorfit_layers())
+    assert len(state) == len(vectors) + 2  # the vectors, and the head's weight and bias
+    for name, p in vectors.items():
+        module, _, kind = name.rpartition(".")
+        assert torch.equal(state[f"base_model.model.{module}.vectorfit_{kind}"], p.detach()), name
+        assert module in layers
+    head = vf.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(state["base_model.model.classifier.weight"], head.weight.detach())
 
 
 def test_other_attributes_still_reach_the_base_model():

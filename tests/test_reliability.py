@@ -39,7 +39,7 @@ from vectorfit import (
     AVFConfig,
     AVFError,
     ConfigError,
-    SVDLinear,
+    VectorFitLayer,
     TargetError,
     VectorFitConfig,
     VectorFitModel,
@@ -47,7 +47,7 @@ from vectorfit import (
     get_vectorfit_model,
 )
 from vectorfit.functional import force_path
-from vectorfit.model import ModulesToSaveWrapper
+from peft.utils.other import ModulesToSaveWrapper
 
 RTOL = 1e-5
 Q0 = "bert.encoder.layer.0.attention.self.query"
@@ -288,7 +288,9 @@ def test_written_files_follow_the_umask(tmp_path, umask, mask, expected):
     vf, _ = _trained(make_tiny_bert(0), steps=1, cache_dir=str(tmp_path / "svd"))
     vf.save_pretrained(tmp_path / "a")
     files = list((tmp_path / "a").iterdir()) + list((tmp_path / "svd").iterdir())
-    assert len(files) == 2 + 12
+    # peft's three files (weights, config, model card README.md) and the 12 SVD cache entries
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert len(files) == 3 + 12
     assert {p.name: _mode(p) for p in files} == {p.name: expected for p in files}
 
 
@@ -302,30 +304,36 @@ def test_resave_keeps_an_existing_files_mode(tmp_path, umask):
 
 
 # ------------------------------------------------------------------- 5. stale weights after .data edits
+def _sigmas(vf):
+    """The trained singular values (adapter "default", absolute form: s itself) of every layer."""
+    return [layer.vectorfit_sigma["default"] for _, layer in vf.vectorfit_layers()]
+
+
 def _scale_data(vf, f):
-    for _, layer in vf.vectorfit_layers():
-        layer.sigma.data.mul_(f)
+    for s in _sigmas(vf):
+        s.data.mul_(f)
 
 
 def _scale_copy(vf, f):
     with torch.no_grad():
-        for _, layer in vf.vectorfit_layers():
-            layer.sigma.copy_(layer.sigma * f)
+        for s in _sigmas(vf):
+            s.copy_(s * f)
 
 
 def _scale_no_grad(vf, f):
     with torch.no_grad():
-        for _, layer in vf.vectorfit_layers():
-            layer.sigma.mul_(f)
+        for s in _sigmas(vf):
+            s.mul_(f)
 
 
 def _scale_state_dict(vf, f):
-    sd = {k: (v * f if k.endswith("sigma") else v) for k, v in vf.state_dict().items()}
+    sd = {k: (v * f if k.endswith(".vectorfit_sigma.default") else v) for k, v in vf.state_dict().items()}
+    assert sum(k.endswith(".vectorfit_sigma.default") for k in sd) == len(_sigmas(vf)) == 12
     vf.load_state_dict(sd)
 
 
 def _scale_optimizer(vf, f):
-    sigmas = [layer.sigma for _, layer in vf.vectorfit_layers()]
+    sigmas = _sigmas(vf)
     opt = torch.optim.SGD(sigmas, lr=1.0)
     for s in sigmas:
         s.grad = s.detach() * (1 - f)  # one SGD step: s - (1 - f) s = f s
@@ -386,11 +394,10 @@ MALFORMED = {
     "no fingerprint": (lambda c: _first_target(c).pop("fingerprint"), "fingerprint"),
     "no shape": (lambda c: _first_target(c).pop("shape"), "shape"),
     "shape of 3": (lambda c: _first_target(c).__setitem__("shape", [1, 2, 3]), "shape"),
-    "config is a list": (lambda c: c.__setitem__("config", [1, 2]), "config"),
+    "avf is a list": (lambda c: c.__setitem__("avf", [1, 2]), "avf"),
+    "unknown variant": (lambda c: c.__setitem__("variant", "lora"), "variant"),
     "targets is a list": (lambda c: c.__setitem__("targets", ["x"]), "targets"),
-    "unknown AVF field": (lambda c: c["config"].__setitem__("avf", {"k": 5, "gamma": 1}), "gamma"),
-    "unknown config field": (lambda c: c["config"].__setitem__("rank", 8), "rank"),
-    "format_version is a string": (lambda c: c.__setitem__("format_version", "2"), "format_version"),
+    "unknown AVF field": (lambda c: c.__setitem__("avf", {"k": 5, "gamma": 1}), "gamma"),
     "modules_to_save is a string": (lambda c: c.__setitem__("modules_to_save", "classifier"), "modules_to_save"),
     "base_tensors damaged": (lambda c: c.__setitem__("base_tensors", {"x": 1}), "base_tensors"),
 }
@@ -404,6 +411,16 @@ def test_malformed_adapter_config_is_an_adapter_error(tmp_path, case):
     _edit_config(tmp_path / "a", edit)
     with pytest.raises(AdapterError, match=fragment):
         VectorFitModel.from_pretrained(make_tiny_bert(0), tmp_path / "a")
+
+
+def test_unknown_top_level_config_field_is_ignored_with_peft_warning(tmp_path):
+    """peft's rule for adapter_config.json (a newer peft may add fields): an unknown field is named and ignored."""
+    vf, inputs = _trained(make_tiny_bert(0), steps=1, modules_to_save=["classifier"])
+    vf.save_pretrained(tmp_path / "a")
+    _edit_config(tmp_path / "a", lambda c: c.__setitem__("rank", 8))
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['rank'\].*ignored"):
+        loaded = VectorFitModel.from_pretrained(make_tiny_bert(0), tmp_path / "a")
+    assert_close_rel(logits_of(loaded, inputs), logits_of(vf, inputs), RTOL)
 
 
 @pytest.mark.parametrize("targets", [None, "all-linear"])
@@ -498,9 +515,9 @@ def test_same_step_twice_and_resume_are_still_fine():
 def test_nan_in_a_trained_vector_stops_avf_naming_it():
     vf, inputs = _avf_model()
     _run(vf, inputs, 1)
-    layer = vf.get_submodule("base_model." + Q0)
+    layer = vf.base_model.model.get_submodule(Q0)
     with torch.no_grad():
-        layer.sigma[0] = float("nan")
+        layer.vectorfit_sigma["default"][0] = float("nan")
     vf(**inputs).loss.backward()
     with pytest.raises(AVFError, match=rf"{Q0}\.sigma.*diverged"):
         vf.avf.step(2)
@@ -508,28 +525,46 @@ def test_nan_in_a_trained_vector_stops_avf_naming_it():
 
 
 def test_duplicate_modules_to_save_wraps_once():
-    with pytest.warns(VectorFitWarning, match="more than once"):
-        cfg = VectorFitConfig(modules_to_save=["classifier", "classifier"], variant="no_avf")
-    vf = get_vectorfit_model(make_tiny_bert(0), cfg)
-    head = vf.base_model.classifier
-    assert isinstance(head, ModulesToSaveWrapper) and not isinstance(head.trained_module, ModulesToSaveWrapper)
+    # duplicates are dropped silently: peft's task classes append their head names again on every load
+    cfg = VectorFitConfig(modules_to_save=["classifier", "classifier"], variant="no_avf")
     assert cfg.modules_to_save == ["classifier"]
+    vf = get_vectorfit_model(make_tiny_bert(0), cfg)
+    head = vf.base_model.model.classifier
+    assert isinstance(head, ModulesToSaveWrapper) and not isinstance(head.modules_to_save["default"], ModulesToSaveWrapper)
+    assert not isinstance(head.original_module, ModulesToSaveWrapper)
+    assert [n for n, m in vf.named_modules() if isinstance(m, ModulesToSaveWrapper)] == ["base_model.model.classifier"]
 
 
-def test_a_layer_registered_under_two_names_is_adapted_under_both(tmp_path):
+Q1 = "bert.encoder.layer.1.attention.self.query"
+
+
+def _one_layer_under_two_names():
     base = make_tiny_bert(0)
     inputs = example_inputs(base, labels=True)
     shared = base.bert.encoder.layer[0].attention.self.query
     base.bert.encoder.layer[1].attention.self.query = shared  # one layer object, two names
-    q1 = "bert.encoder.layer.1.attention.self.query"
-    with pytest.warns(VectorFitWarning, match=rf"{Q0}.*also registered as.*{q1}"):
+    with pytest.warns(VectorFitWarning, match=rf"{Q0}.*also registered as.*{Q1}"):
         vf = get_vectorfit_model(base, VectorFitConfig(variant="no_avf"))
-    a, b = vf.base_model.get_submodule(Q0), vf.base_model.get_submodule(q1)
-    assert isinstance(a, SVDLinear) and a is b
+    a, b = vf.base_model.model.get_submodule(Q0), vf.base_model.model.get_submodule(Q1)
+    assert isinstance(a, VectorFitLayer) and a is b
     train_steps(vf, inputs, steps=2)
-    adapted = logits_of(vf, inputs)
+    return vf, inputs, logits_of(vf, inputs)
+
+
+def test_a_layer_registered_under_two_names_is_adapted_under_both():
+    vf, inputs, adapted = _one_layer_under_two_names()
+    layer = vf.base_model.model.get_submodule(Q1)
+    assert not torch.equal(layer.vectorfit_sigma["default"].detach(), layer.sigma0)  # trained (once, for both names)
+    vf.merge()
+    assert layer.merged
+    assert_close_rel(logits_of(vf, inputs), adapted, RTOL)
+
+
+def test_a_layer_registered_under_two_names_is_unloaded_under_both():
+    vf, inputs, adapted = _one_layer_under_two_names()
     merged = vf.merge_and_unload()
-    assert merged.get_submodule(Q0) is merged.get_submodule(q1) and isinstance(merged.get_submodule(q1), nn.Linear)
+    assert merged.get_submodule(Q0) is merged.get_submodule(Q1) and isinstance(merged.get_submodule(Q1), nn.Linear)
+    assert not any(isinstance(m, VectorFitLayer) for m in merged.modules())
     assert_close_rel(logits_of(merged, inputs), adapted, RTOL)
 
 
@@ -567,9 +602,10 @@ def _rotate_top_pair(theta):
 def degenerate_adapter(tmp_path):
     base = _degenerate_bert()
     vf, inputs = _trained(base, steps=4, modules_to_save=["classifier"], svd_cache=False)
-    layer = vf.base_model.get_submodule(V0)
+    layer = vf.base_model.model.get_submodule(V0)
     with torch.no_grad():
-        layer.sigma[1] += 0.3 * layer.sigma[0]  # the pair trained apart: the basis now matters
+        s = layer.vectorfit_sigma["default"]
+        s[1] += 0.3 * s[0]  # the pair trained apart: the basis now matters
     vf.save_pretrained(tmp_path / "a")
     return tmp_path / "a", logits_of(vf, inputs), inputs
 
@@ -604,8 +640,8 @@ def test_another_basis_of_a_repeated_pair_is_reported_with_its_deviation(degener
         loaded = VectorFitModel.from_pretrained(_degenerate_bert(), folder, svd_cache=False)
     dev = float(_vf_warnings(rec)[0].split("up to ")[1].split(",")[0])
     # The sketch estimates the layer's relative weight change; compare with the true one.
-    layer = loaded.base_model.get_submodule(V0)
-    w_loaded = layer.dense_weight().double()
+    layer = loaded.base_model.model.get_submodule(V0)
+    w_loaded = layer.dense_weight(layer.sigma).double()  # the trained weight as the loaded model computes it
     U, S, Vh = torch.linalg.svd(_degenerate_bert().get_submodule(V0).weight.float(), full_matrices=False)
     w_saved = (U.double() * layer.sigma.detach().double()) @ Vh.double()
     true_dev = float(((w_loaded - w_saved).norm() / w_saved.norm()).detach())

@@ -35,6 +35,10 @@ _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features",
 
 
 def _inject_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list) -> tuple:
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if isinstance(module, AuxiliaryTrainingWrapper):  # an adapter without this head computes with the original one
+        adapter_names = [n if n in module._adapters else BASE for n in adapter_names]
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 

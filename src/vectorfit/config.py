@@ -286,7 +286,7 @@ class VectorFitConfig(PeftConfig):
         """Write ``adapter_config.json`` atomically (a reader sees the old file or the new one). peft
         writes the weights first: their SHA-256 goes into the config, so a torn or damaged pair is
         refused at load instead of computing with wrong numbers."""
-        from .cache import _umask, atomic_write_bytes
+        from .cache import atomic_write_bytes, plain_open_mode
 
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
@@ -299,9 +299,9 @@ class VectorFitConfig(PeftConfig):
         weights = folder / _WEIGHTS_NAME
         out["weights_sha256"] = _sha256(weights) if weights.is_file() else None
         if weights.is_file():
-            # safetensors creates the file 0o600 whatever the umask; give it what open(path, "w") would
-            # (readable by whoever may read the folder), as every other file vectorfit writes.
-            os.chmod(weights, 0o666 & ~_umask())
+            # safetensors creates the file 0o600 whatever the umask; give it what open(path, "w") would:
+            # the existing config's mode on a re-save, the umask's in a new folder.
+            os.chmod(weights, plain_open_mode(folder / _CONFIG_NAME))
         data = (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()  # fails before touching the file
         atomic_write_bytes(folder / _CONFIG_NAME, data)
 

@@ -130,8 +130,8 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         self.Vh = nn.Parameter(Vh.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         self.sigma0 = S.to(device=device, dtype=torch.float32).clone()
         shape = tuple(base.weight.shape)
-        del base._parameters["weight"]
-        base.__dict__["weight"] = _placeholder(shape, self.U)
+        base._parameters["weight"] = None  # released; the key keeps its place in the state-dict order
+        base.__dict__["weight"] = _placeholder(shape, self.U)  # found before Module.__getattr__
         self.decomposed = True
 
     def update_layer(self, adapter_name: str, train_sigma: bool, train_bias: bool, sigma_param: str = "absolute",

@@ -224,10 +224,9 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             check_base: ``"error"`` refuses a base whose tensors outside the adapted matrices differ
                 from the training model's; ``"warn"`` loads it with a warning.
             adapter_name: the name the adapter gets here.
-            kwargs: passed to ``PeftModel.from_pretrained`` (e.g. ``svd_cache=False``).
+            kwargs: ``cache_dir``, ``svd_cache``, ``progress`` (as in :class:`VectorFitConfig`); the rest
+                goes to ``PeftModel.from_pretrained``.
         """
-        from peft import PeftModel
-
         from .legacy import convert_legacy_adapter, is_legacy_adapter
 
         if check_base not in ("error", "warn"):
@@ -253,10 +252,22 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
                            "(`vectorfit convert %s NEW` does it once, on disk)", adapter_path, adapter_path)
             with tempfile.TemporaryDirectory() as tmp:
                 converted = convert_legacy_adapter(adapter_path, tmp)
-                return PeftModel.from_pretrained(model, str(converted), adapter_name=adapter_name, is_trainable=is_trainable,
-                                                 check_base=check_base, **kwargs)
-        return PeftModel.from_pretrained(model, str(adapter_path), adapter_name=adapter_name, is_trainable=is_trainable,
-                                         check_base=check_base, **kwargs)
+                return cls._load(model, converted, adapter_name, is_trainable, check_base, kwargs)
+        return cls._load(model, folder, adapter_name, is_trainable, check_base, kwargs)
+
+    @staticmethod
+    def _load(model: nn.Module, folder: Path, adapter_name: str, is_trainable: bool, check_base: str, kwargs: dict) -> Any:
+        from peft import PeftModel
+
+        # The config is read here so that VectorFit's local fields (cache_dir, which peft would take as
+        # the Hub's cache folder, svd_cache, progress) reach the tuner.
+        config = VectorFitConfig.from_pretrained(str(folder))
+        config.check_base = check_base
+        for key in ("cache_dir", "svd_cache", "progress"):
+            if key in kwargs:
+                setattr(config, key, kwargs.pop(key))
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
+                                         config=config, **kwargs)
 
     # ------------------------------------------------------------------ views
     def vectorfit_layers(self) -> Iterator[tuple[str, VectorFitLayer]]:
@@ -332,7 +343,13 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         if merge:
             names = adapter_names if adapter_names is not None else self.active_adapters
             added = [n for n, layer in self.vectorfit_layers() if not layer.had_bias and any(a in layer.vectorfit_bias for a in names)]
+        # peft walks the de-duplicated module tree: a layer registered under two names is unloaded under
+        # the first only; put the unloaded layer under the others too.
+        aliases = [ns for ns in (_aliases(self.model, layer) for _, layer in self.vectorfit_layers()) if len(ns) > 1]
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        for ns in aliases:
+            for n in ns[1:]:
+                _set_at(model, n, model.get_submodule(ns[0]))
         if merge:
             merge_compat.reconcile_biases(model, added)
         return model

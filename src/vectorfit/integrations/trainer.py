@@ -18,7 +18,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..avf import AdaptiveVectorFreezing
+from ..avf import AdaptiveVectorFreezing, AVFError
 from ..notices import warn
 
 __all__ = ["AVFCallback", "VectorFitTrainer"]
@@ -59,6 +59,13 @@ class AVFCallback(TrainerCallback):
             self._avf.reset()
         epochs = max(1, math.ceil(state.num_train_epochs or 1))
         self._avf.set_total_steps(state.max_steps, steps_per_epoch=max(1, state.max_steps // epochs))
+        if state.global_step > 0:  # a resumed run: the checkpoint must have brought the AVF state along
+            due = sum(1 for t in self._avf.schedule() if t <= state.global_step)
+            if int(self._avf.num_done) < due:
+                raise AVFError(
+                    f"resuming at step {state.global_step}, where {due} AVF step(s) should have run, but the model's AVF "
+                    f"state records {int(self._avf.num_done)}: the checkpoint lacks the AVF state (an adapter file saved "
+                    "without it?); resume from a checkpoint the Trainer wrote with this model")
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         # state.global_step counts finished optimizer steps; the step about to run is the next one.
