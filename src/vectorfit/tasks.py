@@ -33,6 +33,9 @@ TASK_HEADS: dict[str, tuple[str, ...]] = {
     "FEATURE_EXTRACTION": (),
 }
 TASK_TYPES: tuple[str, ...] = tuple(TASK_HEADS)
+#: Head names peft's task classes add to modules_to_save themselves, whether the model has them or not
+#: (peft 0.22 adds "pre_classifier" for SEQ_CLS): never an error of the user's.
+_PEFT_ADDS = frozenset({"classifier", "score", "pre_classifier", "qa_outputs"})
 
 
 def _matches(module_name: str, entry: str) -> bool:
@@ -54,7 +57,7 @@ def check_task_heads(model: nn.Module, config: "VectorFitConfig") -> None:
     heads = TASK_HEADS.get(config.task_type or "", ())
     names = [n for n, _ in model.named_modules() if n]
     for entry in config.modules_to_save or []:
-        if entry not in heads and not any(_matches(n, entry) for n in names):
+        if entry not in heads and entry not in _PEFT_ADDS and not any(_matches(n, entry) for n in names):
             raise ConfigError(
                 f"VectorFitConfig.modules_to_save entry {entry!r} matches no module of this {type(model).__name__}; "
                 f"top-level modules are {[n for n, _ in model.named_children()]}"
