@@ -37,6 +37,20 @@ def _adapter_params(vf, name: str) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+def _assert_rows_match_alone(vf, batch, names, mixed) -> None:
+    """Row ``i`` of a mixed batch equals that row alone (without its padding) under adapter ``names[i]``."""
+    for i, name in enumerate(names):
+        n = int(batch["attention_mask"][i].sum())  # the row alone, without its padding
+        row = {k: v[i : i + 1, :n] for k, v in batch.items()}
+        if name == "__base__":
+            with vf.disable_adapter():
+                alone = logits_of(vf, row)
+        else:
+            vf.set_adapter(name)
+            alone = logits_of(vf, row)
+        assert max_rel_diff(mixed[i : i + 1], alone) < TOL, (i, name)
+
+
 @torch.no_grad()
 def _perturb(vf, seed: int, scale: float = 0.2) -> None:
     """Move the active adapter's vectors and head as training would (but reproducibly)."""
@@ -293,16 +307,7 @@ def test_mixed_batch_rows_equal_each_row_run_alone(variant):
     with torch.no_grad():
         mixed = vf(**batch, adapter_names=names).logits
     assert _no_hooks_left(vf)
-    for i, name in enumerate(names):
-        n = int(batch["attention_mask"][i].sum())  # the row alone, without its padding
-        row = {k: v[i : i + 1, :n] for k, v in batch.items()}
-        if name == "__base__":
-            with vf.disable_adapter():
-                alone = logits_of(vf, row)
-        else:
-            vf.set_adapter(name)
-            alone = logits_of(vf, row)
-        assert max_rel_diff(mixed[i : i + 1], alone) < TOL, (i, name)
+    _assert_rows_match_alone(vf, batch, names, mixed)
     assert vf.active_adapter in ("b", "default") and _no_hooks_left(vf)
     with pytest.raises(ValueError, match="non-existing adapter.*x"):
         vf(**batch, adapter_names=["b", "x", "b", "b"])
@@ -332,16 +337,7 @@ def test_mixed_batch_with_an_adapter_that_has_no_head(active):
     names = ["default", "h", "__base__", "h"]
     with torch.no_grad():
         mixed = vf(**batch, adapter_names=names).logits
-    for i, name in enumerate(names):
-        n = int(batch["attention_mask"][i].sum())
-        row = {k: v[i : i + 1, :n] for k, v in batch.items()}
-        if name == "__base__":
-            with vf.disable_adapter():
-                alone = logits_of(vf, row)
-        else:
-            vf.set_adapter(name)
-            alone = logits_of(vf, row)
-        assert max_rel_diff(mixed[i : i + 1], alone) < TOL, (i, name)
+    _assert_rows_match_alone(vf, batch, names, mixed)
 
 
 def test_a_batch_of_only_the_active_adapter_takes_the_ordinary_path():

@@ -178,9 +178,7 @@ class AdaptersMixin:
             for p in head.modules_to_save[adapter_name].parameters():
                 p.requires_grad_(False)
         if config.uses_avf:
-            from .avf import AdaptiveVectorFreezing
-
-            self._modules["vectorfit_avf"][adapter_name] = AdaptiveVectorFreezing(self.vector_list(adapter_name), config.avf, adapter_name).to(self._device())
+            self._add_avf(adapter_name, config)
         for p, flag in grads:
             p.requires_grad_(flag)
         for _, layer in layers:  # the new adapter is frozen

@@ -40,15 +40,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
 from .functional import mixed_rows_linear, svd_fp32, svd_linear  # noqa: F401  (svd_fp32: public here too)
+from .targets import is_conv1d
 
 #: peft's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``).
 BASE = "__base__"
 SIGMA, BIAS = "sigma", "bias"
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's GPT-2 style ``Conv1D`` (weight stored ``d_in x d_out``), without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def matrix_of(module: nn.Module) -> Tensor:

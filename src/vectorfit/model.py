@@ -78,7 +78,7 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         return st
 
     def _prepare_adapter_config(self, peft_config: VectorFitConfig, model_config: dict) -> VectorFitConfig:
-        return peft_config  # targets are resolved in _pre_injection_hook, with their roles
+        return peft_config  # targets are resolved in _before_injection, with their roles
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         # peft calls inject_adapter for the first adapter (from BaseTuner.__init__) and for every later
@@ -98,9 +98,9 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or adapter_name == "__base__":
             raise ValueError(f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' "
                              "('__base__' names the base model in mixed batches)")
-        existing = {n: m for n, m in model.named_modules() if isinstance(m, VectorFitLayer)}
+        existing = any(isinstance(m, VectorFitLayer) for m in model.modules())
         if config.targets is not None:  # an adapter being loaded: check the base before any SVD
-            roles, fps = self._check_record(model, config, existing)
+            roles, fps = self._check_record(model, config)
         else:
             tasks.check_task_heads(model, config)
             roles = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules,
@@ -119,7 +119,7 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         st["records"][adapter_name] = {}
         st["bar"] = svd_bar(len(trained), progress_enabled(config.progress) and distributed.is_main_process())
 
-    def _check_record(self, model: nn.Module, config: VectorFitConfig, existing: dict) -> tuple[dict, dict]:
+    def _check_record(self, model: nn.Module, config: VectorFitConfig) -> tuple[dict, dict]:
         """Verify a loaded adapter's record against ``model``; returns ``(roles, fingerprints)``."""
         # adapter_config.json is written with sorted keys: check (and name the first mismatch) in model order.
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -175,7 +175,7 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         else:
             names = _aliases(self.model, target)
             layer = VectorFitLayer(target, adapter_name, train_sigma, train_bias, peft_config.sigma_param, decompose)
-            layer.fingerprint, layer.role = fp, role
+            layer.fingerprint, layer.role = fp, role  # what later adapters and users read of the target
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)  # an additional adapter is not trainable until activated
             self._replace_module(parent, target_name, layer, target)
@@ -207,8 +207,12 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             tasks.warn_frozen_new_parameters(st["new_params"], [*st["records"][adapter_name], *saved], type(model).__name__)
             st["new_params"] = None
         if config.uses_avf:
-            vectors = self.vector_list(adapter_name)
-            self._modules[_AVF][adapter_name] = AdaptiveVectorFreezing(vectors, config.avf, adapter_name).to(self._device())
+            self._add_avf(adapter_name, config)
+
+    def _add_avf(self, adapter_name: str, config: VectorFitConfig) -> None:
+        """Adapter ``adapter_name``'s AVF controller over the vectors it trains, beside the factors."""
+        vectors = self.vector_list(adapter_name)
+        self._modules[_AVF][adapter_name] = AdaptiveVectorFreezing(vectors, config.avf, adapter_name).to(self._device())
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_path: Any, is_trainable: bool = False, check_base: str = "error",
@@ -227,7 +231,7 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             kwargs: ``cache_dir``, ``svd_cache``, ``progress`` (as in :class:`VectorFitConfig`); the rest
                 goes to ``PeftModel.from_pretrained``.
         """
-        from .legacy import convert_legacy_adapter, is_legacy_adapter
+        from .legacy import LEGACY_FORMAT, convert_legacy_adapter
 
         if check_base not in ("error", "warn"):
             raise ConfigError(f"check_base={check_base!r} is invalid: use 'error' (refuse a differing base) or 'warn'")
@@ -241,11 +245,12 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             meta = json.loads((folder / "adapter_config.json").read_text())
         except (ValueError, UnicodeDecodeError) as e:
             raise AdapterError(f"adapter config {folder / 'adapter_config.json'} is corrupt (not valid JSON: {e})") from None
-        if not isinstance(meta, dict) or (meta.get("peft_type") != "VECTORFIT" and not is_legacy_adapter(folder)):
+        legacy = isinstance(meta, dict) and meta.get("format") == LEGACY_FORMAT
+        if not isinstance(meta, dict) or (meta.get("peft_type") != "VECTORFIT" and not legacy):
             kind = meta.get("peft_type") if isinstance(meta, dict) else None
             raise AdapterError(f"{folder / 'adapter_config.json'} is not a VectorFit adapter config (peft_type={kind!r}); "
                                "a peft adapter of another method loads with peft.PeftModel.from_pretrained")
-        if is_legacy_adapter(adapter_path):
+        if legacy:
             import tempfile
 
             logger.warning("%s is a vectorfit 0.1 adapter: converting it to peft's layout in memory "
