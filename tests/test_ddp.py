@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import make_tiny_bert
+from ranks import GROUP_TIMEOUT, spawn_ranks
 
 from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
 
@@ -40,7 +40,8 @@ def _train(model, forward_model, rank: int = 0, world: int = 1):
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=GROUP_TIMEOUT)
     try:
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -52,7 +53,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     model = _model()
     history, vectors = _train(model, model)

@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import make_tiny_bert
+from ranks import GROUP_TIMEOUT, spawn_ranks
 
 from vectorfit import AVFConfig, VectorFitConfig, get_vectorfit_model
 from vectorfit import distributed as vdist
@@ -33,7 +33,8 @@ def _factors(model) -> dict:
 
 def _worker(rank: int, init_file: str, out_dir: str, cache_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=GROUP_TIMEOUT)
     out: dict = {}
     try:
         # 1. The same base model on both ranks: rank 0 decomposes (cold cache), rank 1 receives.
@@ -83,8 +84,7 @@ def _worker(rank: int, init_file: str, out_dir: str, cache_dir: str) -> None:
 @pytest.mark.slow
 def test_one_decomposition_for_all_ranks(tmp_path):
     cache_dir = tmp_path / "cache"
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), str(cache_dir)), nprocs=WORLD,
-                       start_method="spawn", join=True)
+    spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path), str(cache_dir)), WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     n = len(r0["factors"])
     assert n == 12  # 2 layers x (q, k, v, o, f1, f2)

@@ -9,8 +9,8 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import make_tiny_bert
+from ranks import GROUP_TIMEOUT, spawn_ranks
 from transformers import TrainingArguments
 
 from vectorfit import AVFConfig, VectorFitConfig, VectorFitModel, get_vectorfit_model
@@ -32,7 +32,7 @@ def _args(out: str, per_device: int) -> TrainingArguments:
         output_dir=out, per_device_train_batch_size=per_device, max_steps=STEPS, learning_rate=2e-2,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         logging_strategy="no", save_strategy="steps", save_steps=4, report_to=[], seed=0, data_seed=0,
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential", average_tokens_across_devices=False,
+        use_cpu=True, ddp_timeout=int(GROUP_TIMEOUT.total_seconds()), dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential", average_tokens_across_devices=False,
     )
 
 
@@ -72,7 +72,7 @@ def _free_port() -> int:
 def test_trainer_under_ddp_matches_one_process(tmp_path):
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn", join=True)
+    spawn_ranks(_worker, (_free_port(), str(out)), WORLD)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     _, alone = _train(str(tmp_path / "one"), GLOBAL_BATCH)

@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import make_tiny_bert
+from ranks import GROUP_TIMEOUT, spawn_ranks
 from safetensors.torch import load_file
 
 from vectorfit import AVFConfig, VectorFitConfig, VectorFitModel, get_vectorfit_model
@@ -61,7 +61,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=GROUP_TIMEOUT)
     out: dict = {}
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -97,7 +98,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_single_process(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    spawn_ranks(_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     for key, setup in SETUPS.items():
