@@ -2,7 +2,8 @@
 
 One spawn runs every check of this file (starting two interpreters that import transformers costs
 most of the time): rank 0 decomposes and broadcasts, rank 1 runs no SVD and reads no cache file and
-gets bit-identical factors; ranks with different base weights both fail at set-up with a message;
+gets bit-identical factors; ranks with different base weights, or with different targets, both fail
+at set-up with a message that says which;
 a model built on rank 0 alone inside ``local_decomposition()`` does not wait for rank 1; and DDP
 with its default ``broadcast_buffers=True`` leaves the frozen factors alone while training.
 """
@@ -50,6 +51,18 @@ def _worker(rank: int, init_file: str, out_dir: str, cache_dir: str) -> None:
             out["mismatch_error"] = None
         except vdist.DistributedError as e:
             out["mismatch_error"] = str(e)
+
+        # 2b. The same base but other target_modules on the two ranks (other targets; rank 1 with
+        # fewer targets, which once left rank 0 waiting for a broadcast): every rank fails before any
+        # SVD, saying that the configurations differ (not "the base weight differs").
+        for key, targets in (("config_error", ["query", "value" if rank == 0 else "key"]),
+                             ("fewer_error", ["query", "value"] if rank == 0 else ["query"])):
+            try:
+                get_vectorfit_model(make_tiny_bert(0, num_labels=2),
+                                    _config(cache_dir, svd_cache=False, variant="no_avf", target_modules=targets))
+                out[key] = None
+            except vdist.DistributedError as e:
+                out[key] = str(e)
 
         # 3. A model built on rank 0 only, inside local_decomposition(): no collective, no wait.
         if rank == 0:
@@ -111,6 +124,13 @@ def test_one_decomposition_for_all_ranks(tmp_path):
     for r in (r0, r1):
         assert r["mismatch_error"] is not None
         assert "differs between ranks" in r["mismatch_error"] and "same base model" in r["mismatch_error"]
+    # Different targets: both ranks name both modules and the cause.
+    for r in (r0, r1):
+        for key, n1 in (("config_error", 4), ("fewer_error", 2)):
+            assert r[key] is not None and "base weight differs" not in r[key]
+            assert r[key].startswith("the VectorFit configurations differ between ranks: rank 0 builds adapter 'default' "
+                                     "on 4 targets (first ['bert.encoder.layer.0.attention.self.query', "), r[key]
+            assert f"rank 1 adapter 'default' on {n1} (first ['bert.encoder.layer.0.attention.self.query', " in r[key], r[key]
 
     # DDP's per-forward buffer broadcast skips the frozen factors but keeps AVF's state in sync.
     for r in (r0, r1):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -28,7 +30,21 @@ from torch import nn
 from .errors import AdapterError, ConfigError
 from .layer import BASE, VectorFitLayer
 
-__all__ = ["AdaptersMixin", "BASE"]
+__all__ = ["AdaptersMixin", "BASE", "check_adapter_name"]
+
+_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_adapter_name(name: Any) -> None:
+    """Refuse an adapter name that cannot be a folder name of ``save_pretrained`` (which writes every
+    adapter but ``default`` into ``<dir>/<name>/``) or that peft reserves.
+
+    Raises:
+        ValueError: naming the bad name and what is allowed.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE:
+        raise ValueError(f"adapter_name={name!r} is invalid: use letters, digits, '_' or '-' (it becomes a folder name "
+                         f"when saved; {BASE!r} names the base model in mixed batches)")
 
 # The model inputs whose first dimension is the batch (to check one adapter name per row).
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values", "attention_mask")
@@ -58,6 +74,8 @@ class AdaptersMixin:
         """peft calls this around every forward / generate: ``adapter_names`` (one adapter name or
         ``"__base__"`` per row) makes every VectorFit layer and saved head compute row ``i`` with adapter
         ``adapter_names[i]``."""
+        if self.training:
+            self._watch_avf()  # type: ignore[attr-defined]  # the tuner's (model.py)
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
@@ -121,6 +139,7 @@ class AdaptersMixin:
             combination_type: ``"linear"`` only (peft's other types approximate a sum of LoRA products;
                 here the linear sum is already the exact sum of the weight updates).
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name")
         if combination_type != "linear":
@@ -129,6 +148,10 @@ class AdaptersMixin:
         adapters, weights = list(adapters), [float(w) for w in weights]
         if not adapters or len(adapters) != len(weights):
             raise ValueError(f"add_weighted_adapter needs one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+        bad = [(a, w) for a, w in zip(adapters, weights) if not math.isfinite(w)]
+        if bad:  # a NaN weight makes every vector NaN: an adapter that computes nothing
+            raise ValueError(f"add_weighted_adapter: weight {bad[0][1]} for adapter {bad[0][0]!r} is not a finite number; "
+                             "give each adapter a finite weight")
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
             raise ValueError(f"no adapter named {missing[0]!r}; loaded adapters: {list(self.peft_config)}")
@@ -222,6 +245,7 @@ class AdaptersMixin:
                                "the other form; load it with load_adapter under a new name")
         weights = load_peft_weights(str(path), device="cpu")
         peft_model = _Shim(self)
+        self._state()["loading"].add(adapter_name)  # type: ignore[attr-defined]  # check the new file's signatures
         remapped = type(self)._remap_adapter_state_dict_for_load(peft_model, new_config, adapter_name, weights)
         own = {k: v for k, v in peft_model.state_dict(keep_vars=True).items()}
         heads = [f"base_model.model.{n}." for n, _ in _head_wrappers(self.model)]
@@ -231,6 +255,8 @@ class AdaptersMixin:
                 remapped[f"{head}modules_to_save.{adapter_name}.{key[len(head):]}"] = remapped.pop(key)
         pairs = []
         for key, t in remapped.items():
+            if key.startswith("base_model.vectorfit_avf."):
+                continue  # AVF state: loaded below into the controller the new config asks for
             if key not in own:
                 raise AdapterError(f"hotswap: {path} holds {key!r}, which adapter {adapter_name!r} does not have")
             if own[key].shape != t.shape:
@@ -239,12 +265,17 @@ class AdaptersMixin:
         for dst, src in pairs:  # all checked: now write
             if dst.shape == src.shape:
                 dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
-        avfs = self._modules.get("vectorfit_avf")
-        avf = avfs[adapter_name] if avfs is not None and adapter_name in avfs else None
-        avf_keys = [k for k in remapped if ".vectorfit_avf." in k]
-        if avf is not None and avf_keys:  # history length depends on the schedule: load through the module
+        # The slot becomes the new adapter, AVF included: its variant decides whether there is a
+        # controller, and a saved AVF state (history, frozen set) comes along with its vectors.
+        avfs = self._modules["vectorfit_avf"]
+        if adapter_name in avfs:
+            del avfs[adapter_name]
+        if new_config.uses_avf:
+            self._add_avf(adapter_name, new_config)
             prefix = f"base_model.vectorfit_avf.{adapter_name}."
-            avf.load_state_dict({k[len(prefix):]: remapped[k] for k in avf_keys})
+            avf_state = {k[len(prefix):]: v for k, v in remapped.items() if k.startswith(prefix)}
+            if avf_state:  # history length depends on the schedule: load through the module
+                avfs[adapter_name].load_state_dict(avf_state)
         new_config.inference_mode = self.peft_config[adapter_name].inference_mode
         self.peft_config[adapter_name] = new_config
         for _, layer in self.vectorfit_layers():

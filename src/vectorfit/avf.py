@@ -81,6 +81,7 @@ class AdaptiveVectorFreezing(nn.Module):
         self.adapter_name = adapter_name
         self.config = config
         self._user_config = config  # what reset() returns to
+        self.steps_called = 0  # step() calls in this process (not saved): lets the tuner notice AVF never runs
         n = len(vectors)
         self.register_buffer("ema", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("frozen_mask", torch.zeros(n, dtype=torch.bool))
@@ -139,6 +140,7 @@ class AdaptiveVectorFreezing(nn.Module):
             global_step: the optimizer step about to be taken, counted from 1.
         """
         global_step = self._check_step(global_step)
+        self.steps_called += 1
         schedule = self.schedule()
         done = int(self.num_done)
         if done and global_step < schedule[done - 1]:

@@ -109,6 +109,7 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         self._register_state_dict_hook(_hide_factors)
         self._register_load_state_dict_pre_hook(_fill_factors, with_module=True)
         self.__dict__["_rows"] = None  # (adapter names, row index) during a mixed-adapter batch
+        self.__dict__["_merged_from"] = None  # see _vector_versions
         self.update_layer(adapter_name, train_sigma, train_bias, sigma_param, decompose)
 
     # ------------------------------------------------------------------ adapters
@@ -226,12 +227,32 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
             self._merged_weight = w
             self._merged_bias = b.detach().clone() if b is not None else None
         self.merged_adapters.extend(adapter_names)
+        self.__dict__["_merged_from"] = self._vector_versions(self.merged_adapters)
 
     def unmerge(self) -> None:
         """Back to the factorised form (merging never changed the trained vectors)."""
         self._merged_weight = None
         self._merged_bias = None
         self.merged_adapters = []
+        self.__dict__["_merged_from"] = None
+
+    def _vector_versions(self, names: list[str]) -> tuple:
+        """What the merged weight was computed from: each merged vector's identity and in-place
+        version counter (``Tensor._version``, bumped by ``copy_``, optimizer steps, ``load_state_dict``)."""
+        out = []
+        for d in (self.vectorfit_sigma._parameters, self.vectorfit_bias._parameters):
+            for a in names:
+                p = d.get(a)
+                out.append(None if p is None else (id(p), p._version))
+        return tuple(out)
+
+    def _refresh_merge(self) -> None:
+        # The merged vectors changed after merge(): peft's load_adapter into the merged adapter (a
+        # Trainer's resume or best-model reload does that), a hot-swap, an optimizer step. Computing
+        # with the old dense weight would silently mix two adapters; merge again from the vectors.
+        names = list(self.merged_adapters)
+        self.unmerge()
+        self.merge(adapter_names=names)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]) -> nn.Module:
         """The base layer again, holding the merged weight and bias (``merge``) or the original ones.
@@ -275,6 +296,8 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters:
             return self._base_forward(x)
         if self.merged:
+            if self.__dict__.get("_merged_from") != self._vector_versions(self.merged_adapters):
+                self._refresh_merge()
             w = self._merged_weight if self._merged_weight is not None else matrix_of(self.base_layer)
             b = self._merged_bias
             return F.linear(x, w, b.to(x.dtype) if b is not None else None)

@@ -23,10 +23,7 @@ name) are in :mod:`vectorfit.adapters`.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -34,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from . import base_check, distributed, merge_compat, tasks
-from .adapters import AdaptersMixin
+from .adapters import AdaptersMixin, check_adapter_name
 from .avf import AdaptiveVectorFreezing, training_strength
 from .cache import SVDCache, fingerprint
 from .config import VectorFitConfig
@@ -42,7 +39,7 @@ from .errors import AdapterError, ConfigError
 from .layer import VectorFitLayer, is_conv1d, matrix_of
 from .notices import warn
 from .progress import progress_enabled, svd_bar
-from .targets import find_targets, is_linear_like
+from .targets import check_target_weight, find_targets, is_linear_like
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +70,7 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         st = self.__dict__.get("_vf")
         if st is None:
             st = self.__dict__["_vf"] = {"records": {}, "pending": {}, "bar": None, "new_params": None, "cache": None,
-                                         "shared": False}
+                                         "shared": False, "avf_probe": {}, "avf_settled": set(), "loading": set()}
             self.add_module(_AVF, nn.ModuleDict())
         return st
 
@@ -95,18 +92,21 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         st = self._state()
         if not isinstance(config, VectorFitConfig):
             raise ConfigError(f"a VectorFit model takes VectorFitConfig adapters, got {type(config).__name__}")
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name) or adapter_name == "__base__":
-            raise ValueError(f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' "
-                             "('__base__' names the base model in mixed batches)")
+        check_adapter_name(adapter_name)
         existing = any(isinstance(m, VectorFitLayer) for m in model.modules())
         if config.targets is not None:  # an adapter being loaded: check the base before any SVD
             roles, fps = self._check_record(model, config)
+            # The adapter names its targets exactly. Its stored patterns are never run against module
+            # names (peft would, e.g. for tied modules): a file from elsewhere may hold a regex that
+            # backtracks for minutes. The exact names select the same modules.
+            config.target_modules, config.exclude_modules = set(config.targets), None
         else:
             tasks.check_task_heads(model, config)
             roles = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules,
                                                             skip=config.modules_to_save)}
             fps = {}
         trained = [n for n, r in roles.items() if r in config.sigma_roles or r in config.bias_roles]
+        distributed.check_same_targets(adapter_name, trained)  # all ranks, before any collective SVD
         if not trained:
             raise ConfigError(
                 f"variant {config.variant!r} trains nothing on the selected targets {list(roles)[:6]}...: "
@@ -140,6 +140,7 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
                     f"the base model has no {'module' if module is None else 'Linear/Conv1D module'} {name!r} that the adapter "
                     f"was trained on (adapter base class: {config.base_model_class}, this model: {type(model).__name__})")
             else:
+                check_target_weight(name, module)  # a quantised / meta base: refused before any fingerprint
                 found[name] = matrix_of(module)
         fps.update(base_check.check_targets(found, saved, "the adapter being loaded"))
         if config.base_tensors is not None:
@@ -208,6 +209,8 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             st["new_params"] = None
         if config.uses_avf:
             self._add_avf(adapter_name, config)
+        if config.targets is not None:  # its weights come next, from the file this record describes
+            st["loading"].add(adapter_name)
 
     def _add_avf(self, adapter_name: str, config: VectorFitConfig) -> None:
         """Adapter ``adapter_name``'s AVF controller over the vectors it trains, beside the factors."""
@@ -231,48 +234,40 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             kwargs: ``cache_dir``, ``svd_cache``, ``progress`` (as in :class:`VectorFitConfig`); the rest
                 goes to ``PeftModel.from_pretrained``.
         """
-        from .legacy import LEGACY_FORMAT, convert_legacy_adapter
+        from .loading import load_adapter_folder
 
-        if check_base not in ("error", "warn"):
-            raise ConfigError(f"check_base={check_base!r} is invalid: use 'error' (refuse a differing base) or 'warn'")
-        folder = Path(adapter_path)
-        if not folder.is_dir():
-            raise AdapterError(f"no adapter folder at {folder}")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (folder / name).is_file():
-                raise AdapterError(f"adapter file {folder / name} is missing; save adapters with save_pretrained")
-        try:
-            meta = json.loads((folder / "adapter_config.json").read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise AdapterError(f"adapter config {folder / 'adapter_config.json'} is corrupt (not valid JSON: {e})") from None
-        legacy = isinstance(meta, dict) and meta.get("format") == LEGACY_FORMAT
-        if not isinstance(meta, dict) or (meta.get("peft_type") != "VECTORFIT" and not legacy):
-            kind = meta.get("peft_type") if isinstance(meta, dict) else None
-            raise AdapterError(f"{folder / 'adapter_config.json'} is not a VectorFit adapter config (peft_type={kind!r}); "
-                               "a peft adapter of another method loads with peft.PeftModel.from_pretrained")
-        if legacy:
-            import tempfile
+        return load_adapter_folder(model, adapter_path, is_trainable=is_trainable, check_base=check_base,
+                                   adapter_name=adapter_name, **kwargs)
 
-            logger.warning("%s is a vectorfit 0.1 adapter: converting it to peft's layout in memory "
-                           "(`vectorfit convert %s NEW` does it once, on disk)", adapter_path, adapter_path)
-            with tempfile.TemporaryDirectory() as tmp:
-                converted = convert_legacy_adapter(adapter_path, tmp)
-                return cls._load(model, converted, adapter_name, is_trainable, check_base, kwargs)
-        return cls._load(model, folder, adapter_name, is_trainable, check_base, kwargs)
+    # ------------------------------------------------------------------ AVF that never runs
+    def _watch_avf(self) -> None:
+        """Warn once when an adapter with AVF trains but ``avf.step`` is never called (a plain
+        ``Trainer`` without :class:`~vectorfit.integrations.AVFCallback`, TRL, a forgotten line): it
+        would silently train as ``no_avf``. An optimizer step shows as a new in-place version of a
+        trained vector (``Tensor._version``), seen at the next training forward pass (peft enters
+        ``_enable_peft_forward_hooks`` around every forward). Once settled (warned, or AVF seen
+        running) this costs one set lookup; it never reads a device tensor in the hot path."""
+        st, avf = self._state(), self.avf
+        a = self.active_adapters[0] if self.active_adapters else None
+        if avf is None or avf.steps_called or a in st["avf_settled"]:
+            return
+        probe = st["avf_probe"]
+        if a not in probe:  # the first training forward: remember one trained vector's version
+            if int(avf.num_done):  # AVF state from an earlier run: it has been running
+                st["avf_settled"].add(a)
+                return
+            p = next((v for v in self.trainable_vectors(a).values() if v.requires_grad), None)
+            probe[a] = (p, None if p is None else p._version)
+        p, version = probe[a]
+        if p is not None and p._version != version:
+            self._warn_avf_off(a, "an optimizer step was taken")
 
-    @staticmethod
-    def _load(model: nn.Module, folder: Path, adapter_name: str, is_trainable: bool, check_base: str, kwargs: dict) -> Any:
-        from peft import PeftModel
-
-        # The config is read here so that VectorFit's local fields (cache_dir, which peft would take as
-        # the Hub's cache folder, svd_cache, progress) reach the tuner.
-        config = VectorFitConfig.from_pretrained(str(folder))
-        config.check_base = check_base
-        for key in ("cache_dir", "svd_cache", "progress"):
-            if key in kwargs:
-                setattr(config, key, kwargs.pop(key))
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
-                                         config=config, **kwargs)
+    def _warn_avf_off(self, adapter_name: str, when: str) -> None:
+        self._state()["avf_settled"].add(adapter_name)
+        warn(f"adapter {adapter_name!r} uses AVF (variant={self.peft_config[adapter_name].variant!r}) but {when} without any "
+             "call of model.avf.step(): it trains as variant 'no_avf'. Run AVF with transformers.Trainer(..., "
+             "callbacks=[vectorfit.integrations.AVFCallback()]) (also for TRL trainers), or in a plain loop call "
+             "model.avf.step(global_step) after loss.backward(); to train without AVF, use variant='no_avf'")
 
     # ------------------------------------------------------------------ views
     def vectorfit_layers(self) -> Iterator[tuple[str, VectorFitLayer]]:
@@ -360,6 +355,14 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:
+        merged = [layer for _, layer in self.vectorfit_layers() if adapter_name in layer.merged_adapters]
+        if merged:  # its vectors are about to go: the dense weight must not keep computing with them
+            warn(f"adapter {adapter_name!r} is merged: unmerging it before deleting it")
+            for layer in merged:
+                rest = [a for a in layer.merged_adapters if a != adapter_name]
+                layer.unmerge()
+                if rest:
+                    layer.merge(adapter_names=rest)
         super().delete_adapter(adapter_name)
         avfs = self._modules.get(_AVF)
         if avfs is not None and adapter_name in avfs:
@@ -388,11 +391,22 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
         avf_prefix = f"base_model.{_AVF}.{adapter_name}."
         out.update({k: v for k, v in state_dict.items() if k.startswith(avf_prefix)})
         tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, cls):
+            tuner._check_avf_ran(adapter_name)
         if isinstance(tuner, cls) and adapter_name in tuner._state()["records"]:
             # Written into the saved copy of the config (VectorFitConfig.to_dict); the live config
             # stays as the user made it, so it can wrap another base model later.
             config.__dict__["_vectorfit_record"] = tuner.adapter_record(adapter_name)
         return out
+
+    def _check_avf_ran(self, adapter_name: str) -> None:
+        """At save: an AVF adapter whose vectors trained while ``avf.step`` never ran warns (once)."""
+        avfs = self._modules[_AVF]
+        avf = avfs[adapter_name] if adapter_name in avfs else None
+        if avf is None or avf.steps_called or adapter_name in self._state()["avf_settled"] or int(avf.num_done):
+            return
+        if any(v > 0 for v in self.training_strengths(adapter_name).values()):
+            self._warn_avf_off(adapter_name, "its vectors trained")
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: VectorFitConfig, adapter_name: str,
@@ -428,7 +442,12 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
                 t = tensors[key].to(device=layer.sigma0.device, dtype=torch.float32)
                 s = layer.sigma0 * (1.0 + t) if layer.vectorfit_sigma_param[adapter_name] == "relative" else t
                 views[name] = (layer, s)
-        if config.targets is not None:
+        # The signatures describe the file this adapter was created from. peft's load_adapter into an
+        # existing adapter (a Trainer's resume) passes that adapter's config, not the new file's: its
+        # record would not describe these tensors, so only the shapes above are checked then.
+        st = self._state()
+        if config.targets is not None and adapter_name in st["loading"]:
+            st["loading"].discard(adapter_name)
             base_check.check_signatures(views, config.targets)
 
 
@@ -466,7 +485,8 @@ def target_module_names(model: nn.Module, config: Optional[VectorFitConfig] = No
     """
     config = config if config is not None else VectorFitConfig()
     heads = list(config.modules_to_save or []) + list(tasks.TASK_HEADS.get(config.task_type or "", ()))
-    found = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules, skip=heads)}
+    found = {n: role for n, _, role in find_targets(model, config.target_modules, config.exclude_modules, skip=heads,
+                                                      check_weights=False)}  # names only: reads no weight
     return found if with_roles else list(found)
 
 

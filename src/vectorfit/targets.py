@@ -4,6 +4,9 @@ The paper adapts the attention projections q, k, v, o and the two MLP matrices f
 transformer block. Module names differ between architectures, so each known ``model_type`` gets
 two regexes (matched against the end of the dotted module name): one for attention, one for MLP.
 The role matters because the variants train singular values or biases only on some roles.
+
+Some targets are refused before any SVD (:func:`check_target_weight`): quantised layers, whose stored
+weight is not the matrix they apply, and layers whose weight is on the meta device (not loaded).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Iterator, Optional, Union
 
+import torch
 from torch import nn
 
 ATTN, MLP = "attn", "mlp"
@@ -129,16 +133,117 @@ def candidate_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def _output_head_names(model: nn.Module) -> set:
-    names = set()
+def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
     get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
+    try:
+        return get_out() if callable(get_out) else None
+    except (NotImplementedError, AttributeError):  # some transformers models do not implement it
+        return None
+
+
+def output_layer_names(model: nn.Module) -> set:
+    """Names of the modules ``"all-linear"`` leaves out: the model's output layer(s).
+
+    As peft's ``"all-linear"``: the output embeddings (``model.get_output_embeddings()``, e.g. a
+    causal LM's ``lm_head``); task heads by their usual names (a module named ``classifier``,
+    ``score``, ``qa_outputs``, ..., and everything inside a top-level one, e.g. RoBERTa's
+    ``classifier.dense``); and for a model that is not a transformers model (no
+    ``get_output_embeddings``), the last Linear/Conv1D in registration order when no module with
+    parameters follows it -- a plain classifier's ``fc``. An output layer is new (randomly
+    initialised), tied to the input embeddings, or has as many outputs as there are classes: its SVD
+    is no pretrained spectrum to re-weight, and a classifier's few singular values would not leave
+    AVF's ``k`` vectors to freeze.
+    """
+    names = set()
+    head = _output_embeddings(model)
+    last: Optional[str] = None
+    inside: list = []  # VectorFit / peft layers: their base_layer is not a separate candidate
     for name, module in model.named_modules():
         if head is not None and module is head:
             names.add(name)
         if name.split(".")[-1] in _HEAD_NAMES or name.split(".")[0] in _HEAD_NAMES:
             names.add(name)
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if is_vectorfit_layer(module) or is_peft_layer(module):
+            inside.append(name)
+        if is_linear_like(module):
+            last = name
+        elif last is not None and next(module.parameters(recurse=False), None) is not None:
+            # A layer with weights after it (a backbone's final norm): that Linear is no output layer.
+            last = None
+    if not callable(getattr(model, "get_output_embeddings", None)) and last is not None:
+        names.add(last)
     return names
+
+
+# dtypes whose values are the matrix itself; float8 weights carry separate scales (FP8 quantisation).
+_PLAIN_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Packages whose layers compute from a quantised weight, even where the ``weight`` attribute is a
+# float tensor (optimum-quanto's QLinear before freeze(), for example).
+_QUANT_PACKAGES = ("bitsandbytes", "torchao", "optimum.quanto", "quanto", "auto_gptq", "gptqmodel", "awq", "hqq",
+                   "eetq", "aqlm", "vptq", "fbgemm_gpu", "compressed_tensors", "fp_quant", "bitnet")
+_UNQUANTISED_FIX = ("load the base model unquantised (e.g. from_pretrained(..., dtype=torch.bfloat16) without a "
+                    "quantization_config) -- quantised bases are not supported yet")
+
+
+def _qualname(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _quantisation_library(module: nn.Module) -> Optional[str]:
+    for cls in type(module).__mro__:
+        top = cls.__module__ or ""
+        if any(top == p or top.startswith(p + ".") for p in _QUANT_PACKAGES):
+            return top.split(".")[0] if not top.startswith("optimum.") else "optimum.quanto"
+    return None
+
+
+def check_target_weight(name: str, module: nn.Module) -> None:
+    """Refuse a target whose weight VectorFit cannot decompose, before any SVD or cache entry.
+
+    The SVD is taken of ``module.weight`` as stored. A quantised layer stores integers or packed
+    bytes plus scales kept elsewhere (bitsandbytes' ``Int8Params`` / ``Params4bit``, torchao's and
+    optimum-quanto's tensor subclasses, int8 or float8 storage), so its "SVD" would be of garbage, be
+    cached, and the forward fail later or, worse, run on wrong weights. A weight on the meta device
+    (``accelerate.init_empty_weights()``, or a layer a ``device_map`` offloads to CPU/disk, whose
+    values accelerate loads only inside the forward) has no values at all. Both are checked on the
+    weight itself, not on the module class: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` *are*
+    ``nn.Linear`` subclasses.
+
+    Raises:
+        TargetError: naming the module, its layer type, the weight's type/dtype/device and the fix.
+    """
+    if is_vectorfit_layer(module):
+        return  # its base weight was checked when it was first adapted
+    w = getattr(module, "weight", None)
+    layer = _qualname(module)
+    lib = _quantisation_library(module)
+    if not isinstance(w, torch.Tensor):
+        raise TargetError(f"module {name!r} ({layer}) has no weight tensor (weight={type(w).__name__}); "
+                          + (_UNQUANTISED_FIX if lib else "VectorFit adapts Linear/Conv1D layers with a weight matrix"))
+    if type(w) not in (torch.Tensor, nn.Parameter):
+        what = f"{_qualname(w)}, dtype {w.dtype}"
+        if type(w).__name__ == "DTensor":  # FSDP2 / tensor parallel: each rank holds a shard
+            raise TargetError(f"module {name!r} ({layer}) has a sharded weight ({what}): VectorFit decomposes whole "
+                              "matrices; apply fully_shard / tensor parallelism after get_vectorfit_model")
+        raise TargetError(f"module {name!r} ({layer}) has a quantised weight ({what}: a tensor subclass, not a plain "
+                          "floating-point tensor), whose SVD would be of the raw storage without its scales; "
+                          + _UNQUANTISED_FIX)
+    if w.dtype not in _PLAIN_FLOAT_DTYPES:
+        raise TargetError(f"module {name!r} ({layer}) has a quantised weight ({w.dtype} storage), whose SVD would be of "
+                          "the stored values without their scales; " + _UNQUANTISED_FIX)
+    if lib is not None:
+        raise TargetError(f"module {name!r} ({layer}) is a quantised layer from {lib}: it computes with a quantised "
+                          "form of its weight, not the matrix VectorFit would decompose; " + _UNQUANTISED_FIX)
+    if w.device.type == "meta":
+        raise TargetError(
+            f"module {name!r} ({layer}) has its weight on the meta device (shape {tuple(w.shape)}): the weights are "
+            "not loaded (accelerate's init_empty_weights, or a device_map that offloads this layer to CPU/disk), so "
+            "there is nothing to decompose. Load the real weights before get_vectorfit_model (from_pretrained "
+            "without init_empty_weights) and keep the adapted layers on a device (no CPU/disk offloading of them, "
+            "e.g. device_map={'': 0} or no device_map)")
 
 
 def role_of(model: nn.Module, name: str) -> str:
@@ -161,21 +266,30 @@ def find_targets(
     target_modules: Union[None, str, list] = None,
     exclude_modules: Union[None, str, list] = None,
     skip: Optional[list] = None,
+    check_weights: bool = True,
 ) -> Iterator[tuple[str, nn.Module, str]]:
     """Yield ``(name, module, role)`` for every module VectorFit should adapt, in model order.
+
+    ``"all-linear"`` is every Linear/Conv1D except the model's output layer(s), as in peft: the
+    output embeddings (a causal LM's ``lm_head``), task heads (``classifier``, ``score``, ``pooler``,
+    ...), and for a plain ``nn.Module`` the last Linear (a classifier's ``fc``); see
+    :func:`output_layer_names`. Name an output layer in a list to adapt it anyway.
 
     Args:
         model: the base model.
         target_modules: see :class:`vectorfit.VectorFitConfig`.
         exclude_modules: names / suffixes (list) or a regex (full match) to leave out.
         skip: module names that are never targets (e.g. ``modules_to_save``), with their children.
+        check_weights: refuse targets whose weight cannot be decomposed (:func:`check_target_weight`:
+            quantised, or on the meta device). Checked as each target is found, so a caller that
+            collects the targets first (the tuner does) fails before any SVD.
 
     Raises:
         TargetError: unknown architecture without explicit targets, a target that is not a
-            Linear/Conv1D, or nothing matched.
+            Linear/Conv1D, a quantised or meta-device target, or nothing matched.
     """
     mtype = model_type_of(model)
-    heads = _output_head_names(model) if target_modules == "all-linear" else set()
+    heads = output_layer_names(model) if target_modules == "all-linear" else set()
     skip = list(skip or [])
     if target_modules is None:
         arch = ARCHITECTURES.get(mtype or "")
@@ -244,14 +358,21 @@ def find_targets(
                 # matches nothing else; only leaf matrices can be adapted.
                 if any(True for _ in module.children()):
                     continue
+            lib = _quantisation_library(module)
+            if lib is not None:  # e.g. a GPTQ/AWQ QuantLinear: an nn.Module with packed qweight, no weight
+                raise TargetError(f"module {name!r} ({_qualname(module)}) is a quantised layer (from {lib}); "
+                                  + _UNQUANTISED_FIX)
             raise TargetError(
                 f"module {name!r} ({type(module).__name__}) matched the targets but is not a Linear/Conv1D; "
                 f"VectorFit adapts linear maps only. Linear modules of this model: {candidate_names(model)}"
             )
+        if check_weights:
+            check_target_weight(name, module)
         found += 1
         yield name, module, role_of(model, name)
     if found == 0:
+        left_out = f" ('all-linear' leaves out the output layer(s) {sorted(heads)}; name them to adapt them)" if heads else ""
         raise TargetError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no Linear/Conv1D "
-            f"module of this {type(model).__name__}. Linear modules of this model: {candidate_names(model)}"
+            f"module of this {type(model).__name__}{left_out}. Linear modules of this model: {candidate_names(model)}"
         )
