@@ -506,12 +506,31 @@ def install_from_archives(asset: Asset | str, paths: Sequence[str | os.PathLike]
     return final
 
 
+def _check_cache_folder(folder: Path) -> None:
+    """``folder`` exists or can be made, and takes files; else an :class:`AssetFetchError` naming the
+    setting that put it there (a cache under a regular file failed with a raw traceback)."""
+    setting = next((f"${v}={os.environ[v]}" for v in ("VECTORFIT_ASSETS_CACHE", "VECTORFIT_CACHE", "XDG_CACHE_HOME")
+                    if os.environ.get(v)), "the default")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        why = f"{probe} is a file" if probe.exists() and not probe.is_dir() else (e.strerror or str(e))
+        raise AssetFetchError(f"cannot use the cache folder {folder} ({setting}): {why}; point VECTORFIT_CACHE "
+                              "(or VECTORFIT_ASSETS_CACHE) at a folder you can write") from None
+
+
 def fetch(asset: Asset | str, *, force: bool = False, quiet: bool = False) -> Path:
     """Return the extracted folder of ``asset``, downloading and extracting it on first use."""
     a = _resolve(asset)
     final = asset_dir(a)
     if not force and _marker_ok(a, final):
         return final
+    _check_cache_folder(final.parent)  # before downloading anything
     if not quiet:
         print(f"[vectorfit] fetching {a.name} ({a.packages}) into {final}", file=sys.stderr)
     if force:

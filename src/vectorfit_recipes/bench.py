@@ -185,6 +185,31 @@ def reached_step(path: Path) -> Optional[int]:
     return last_step(read_partial(path))
 
 
+def check_arguments(jobs: int = 1, threads: Optional[int] = None, limit: Optional[int] = None,
+                    stop_at_step: Optional[int] = None, results: Optional[Path] = None) -> None:
+    """The numbers ``bench`` takes are in range, and ``results`` (unless ``None``: nothing is written,
+    as with ``--dry-run``) is a folder that can be written, before any run starts.
+
+    A value out of range was silently taken for something else (``--threads 0``: torch's default,
+    ``--limit -1``: every run but the last), and an unwritable folder failed with a traceback.
+
+    Raises:
+        ValueError: naming the flag, the value and what to give instead.
+    """
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs}: must be >= 1 (runs at once; 2 on a 2-core machine)")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads}: must be >= 1 (torch threads per run); leave it out for the default")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit {limit}: must be >= 0 (the most missing runs to start); leave it out for all")
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ValueError(f"--stop-at-step {stop_at_step}: must be >= 1")
+    if results is not None:
+        from .train_config import _check_writable
+
+        _check_writable(str(results), "--results", folder=True)
+
+
 def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[int] = None, log: Any = print,
               jobs: int = 1, threads: Optional[int] = None, only: Optional[dict] = None,
               stop_at_step: Optional[int] = None) -> int:
@@ -210,10 +235,10 @@ def run_suite(name: str, results: Path, dry_run: bool = False, limit: Optional[i
     A run that another process is training now (it holds the run's lock, see
     ``checkpoint.output_lock``) is skipped, so two benches over one results folder share the work.
     """
-    if jobs < 1:
-        raise SystemExit(f"vectorfit bench: --jobs must be >= 1, got {jobs}")
-    if stop_at_step is not None and stop_at_step < 1:
-        raise SystemExit(f"vectorfit bench: --stop-at-step must be >= 1, got {stop_at_step}")
+    try:
+        check_arguments(jobs, threads, limit, stop_at_step, None if dry_run else results)
+    except ValueError as e:
+        raise SystemExit(f"vectorfit bench: {e}") from None
     if stop_at_step is None:  # a suite read at one step needs its runs no further
         stop_at_step = read_at_step(name)
     todo = _missing(name, results, only, stop_at_step, log)

@@ -85,7 +85,12 @@ def status(name: str, results: Path, only: Optional[dict] = None, at_step: Optio
         row: dict[str, Any] = {"run": r, "state": "not started", "step": None, "left_s": None, "pace_s": None,
                                "cpu_left_s": None, "cpu_pace_s": None}
         if path.exists():
-            res = json.loads(path.read_text())
+            try:
+                res = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError):  # ValueError: JSONDecodeError
+                res = None
+            if not isinstance(res, dict):  # a damaged file: the run counts as done, without numbers
+                res = {}  # (`vectorfit report` skips it and names it)
             row.update(state="done", step=res.get("steps"), test=res.get("test"), validation=res.get("validation"),
                        pace_s=_pace(res), cpu_pace_s=_pace(res, CPU))
             if at is not None:  # the suite's numbers are the curve's at its step, not the run's last

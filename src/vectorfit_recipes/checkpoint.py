@@ -8,6 +8,13 @@ gives the numbers the uninterrupted run would have (tested). A checkpoint made w
 
 The file holds the trainable parameters and every buffer of the model (AVF's state is a set of
 buffers), not the frozen weights, which come from the pretrained model again.
+
+The file sits beside a result, where anyone who can write the results folder can plant one, and
+unpickling runs whatever a pickle names. So it holds only tensors and plain Python data (numbers,
+strings, lists, tuples, dicts) and is read with ``torch.load(weights_only=True)``, which refuses
+anything else (:class:`UnsafeCheckpoint`) without running it. Checkpoints written before this rule
+kept numpy's random state as an array; numpy arrays (and nothing else) are allowed in addition, so
+they still resume.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 __all__ = ["LoopState", "checkpoint_path", "partial_path", "resume_path", "identity", "save", "load",
-           "RESUME_UNSUPPORTED", "OutputBusy", "output_lock", "output_busy"]
+           "read", "RESUME_UNSUPPORTED", "OutputBusy", "UnsafeCheckpoint", "output_lock", "output_busy"]
 
 FORMAT = 1
 
@@ -74,6 +82,10 @@ def partial_path(output: str) -> Path:
 
 class OutputBusy(RuntimeError):
     """Another process is writing the same result file (and its checkpoint)."""
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint holds Python objects other than tensors and plain data: loading it could run code."""
 
 
 def lock_path(output: str) -> Path:
@@ -156,8 +168,29 @@ def _model_state(model: Any) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k not in params}
 
 
+def _numpy_state_to_plain(state: tuple) -> dict:
+    """``np.random.get_state()`` without numpy objects (a ``weights_only`` load refuses arrays)."""
+    import torch
+
+    kind, keys, pos, has_gauss, cached = state
+    return {"kind": str(kind), "keys": torch.tensor(keys.astype("int64")), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _numpy_state_from_plain(state: Any) -> tuple:
+    import numpy as np
+
+    if isinstance(state, tuple):  # a checkpoint from before the plain form: numpy's own tuple
+        return state
+    keys = np.asarray(state["keys"].numpy() if hasattr(state["keys"], "numpy") else state["keys"], dtype=np.uint32)
+    return (state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
 def save(path: Path, cfg: Any, state: LoopState, model: Any, optimizer: Any, generator: Any) -> None:
-    """Write the checkpoint atomically (a temporary file renamed over the old one)."""
+    """Write the checkpoint atomically (a temporary file renamed over the old one).
+
+    Only tensors and plain Python data go in, so that :func:`load` can read it with
+    ``weights_only=True`` (see the module's docstring)."""
     import numpy as np
     import torch
 
@@ -165,7 +198,7 @@ def save(path: Path, cfg: Any, state: LoopState, model: Any, optimizer: Any, gen
         "format": FORMAT, "identity": identity(cfg), "loop": dataclasses.asdict(state),
         "model": _model_state(model), "optimizer": optimizer.state_dict(),
         "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-                "python": random.getstate(), "numpy": np.random.get_state()},
+                "python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state())},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -176,18 +209,68 @@ def save(path: Path, cfg: Any, state: LoopState, model: Any, optimizer: Any, gen
         tmp.unlink(missing_ok=True)
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array needs, and nothing more: how the checkpoints written before the
+    plain form kept numpy's random state (torch's documentation allows the same list)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    rebuild = core.multiarray._reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), rebuild,
+            (rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct")]
+
+
+def read(path: Path) -> Any:
+    """The checkpoint's contents, read with ``torch.load(weights_only=True)``: tensors and plain data.
+
+    Raises:
+        UnsafeCheckpoint: the file names other Python objects (a pickle planted to run code, or a
+            file that is no checkpoint of this program); nothing in it was run.
+        OSError, EOFError, RuntimeError, ...: the file is damaged (truncated, not a torch file).
+    """
+    import pickle
+
+    import torch
+
+    # torch < 2.5 has no allow-list: there only checkpoints written in the plain form load
+    allow = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allow(_numpy_array_globals()) if allow is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only names the first forbidden object ("GLOBAL posix.system"); its advice to
+        # allow-list that object is not repeated
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f" (it names {found.group(1)})" if found else ""
+        raise UnsafeCheckpoint(
+            f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain data"
+            f"{why}, and unpickling them could run code. vectorfit writes only tensors and "
+            f"plain data there; if you did not put the file there, someone else may have. Delete it to start the "
+            f"run afresh") from None
+
+
 def load(path: Path, cfg: Any, model: Any, optimizer: Any, generator: Any, log: Any = print) -> Optional[LoopState]:
     """Restore a checkpoint made by the same settings; ``None`` (start afresh) if there is none,
-    it is unreadable, or it belongs to other settings."""
+    it is unreadable, or it belongs to other settings.
+
+    Raises:
+        UnsafeCheckpoint: the file holds objects that a ``weights_only`` load refuses (see :func:`read`);
+            the run stops rather than overwrite a file somebody planted.
+    """
     import numpy as np
     import torch
 
     if not path.exists():
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = read(path)
+    except UnsafeCheckpoint:
+        raise
     except Exception as e:  # a damaged file must not stop the run: it is rebuilt as training goes
         log(f"[vectorfit] ignoring unreadable checkpoint {path} ({type(e).__name__}: {e}); starting afresh")
+        return None
+    if not isinstance(blob, dict):
+        log(f"[vectorfit] ignoring checkpoint {path}: not a checkpoint of this program; starting afresh")
         return None
     if blob.get("format") != FORMAT or blob.get("identity") != identity(cfg):
         changed = sorted(k for k, v in identity(cfg).items() if (blob.get("identity") or {}).get(k) != v)
@@ -201,7 +284,7 @@ def load(path: Path, cfg: Any, model: Any, optimizer: Any, generator: Any, log: 
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
     state = LoopState(**{"train_cpu_seconds": None, **blob["loop"]})  # None: saved before the field
     state.resumed_from = [*state.resumed_from, state.step]
     log(f"[vectorfit] resuming from {path} at step {state.step}")

@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_convert.add_argument("source", help="the vectorfit 0.1 adapter folder")
     p_convert.add_argument("destination", help="folder for the converted adapter (created)")
+    from .cache_cli import add_parser as add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 
@@ -420,7 +423,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     ns = parser.parse_args(argv)
 
     from .assets import AssetError
-    from .checkpoint import OutputBusy
+    from .checkpoint import OutputBusy, UnsafeCheckpoint
 
     try:
         if ns.command == "train":
@@ -444,9 +447,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if ns.command == "bench":
             from pathlib import Path
 
-            from .bench import run_suite
+            from .bench import check_arguments, run_suite
 
             results = Path(ns.results) if ns.results else _repo_path("benchmarks/results")
+            try:  # before any run starts (or --status reads anything)
+                check_arguments(ns.jobs, ns.threads, ns.limit, ns.stop_at_step,
+                                None if ns.status or ns.dry_run else results)
+            except ValueError as e:
+                _subparser(parser, "bench").error(_message(e))
             only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds", "lrs", "options")
                     if getattr(ns, k)}
             if ns.status:
@@ -456,18 +464,26 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 return 0
             return 1 if run_suite(ns.suite, results, dry_run=ns.dry_run, limit=ns.limit,
                                   jobs=ns.jobs, threads=ns.threads, only=only, stop_at_step=ns.stop_at_step) else 0
+        if ns.command == "cache":
+            from .cache_cli import cache_command
+
+            return cache_command(ns)
         if ns.command == "report":
             from pathlib import Path
 
-            from .report import write_report
+            from .report import check_out, write_report
 
             suites = ns.suites.split(",") if ns.suites else None
-            out = write_report(Path(ns.results) if ns.results else _repo_path("benchmarks/results"),
-                               Path(ns.out) if ns.out else _repo_path("benchmarks/RESULTS.md"),
+            out_md = Path(ns.out) if ns.out else _repo_path("benchmarks/RESULTS.md")
+            try:
+                check_out(out_md)  # before reading results: a typo in --out fails at once
+            except ValueError as e:
+                _subparser(parser, "report").error(_message(e))
+            out = write_report(Path(ns.results) if ns.results else _repo_path("benchmarks/results"), out_md,
                                Path(ns.notes) if ns.notes else _repo_path("benchmarks/NOTES.md"), suites)
             print(f"report written to {out}")
             return 0
-    except (AssetError, OutputBusy) as e:
+    except (AssetError, OutputBusy, UnsafeCheckpoint) as e:
         print(f"vectorfit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

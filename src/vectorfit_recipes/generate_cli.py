@@ -5,9 +5,13 @@
     vectorfit generate --model smollm2 --prompt "..."                # the base model, no adapter
 
 ``--model`` is a registered model name (``vectorfit data list``) or a local Hugging Face folder
-(``config.json``, weights, tokenizer). ``--adapter`` is a folder written by ``vectorfit train
---save-adapter`` or ``save_pretrained``: a VectorFit adapter, a peft adapter (LoRA runs), or a
-``model.safetensors`` of trained parameters by name (BitFit / full fine-tuning runs).
+(``config.json``, weights, tokenizer; ``--tokenizer`` takes the tokenizer from another model or
+folder, e.g. for a merged model saved without one). ``--adapter`` is a folder written by ``vectorfit
+train --save-adapter`` or ``save_pretrained``: a VectorFit adapter, a peft adapter (LoRA runs), or a
+``model.safetensors`` of trained parameters by name (BitFit / full fine-tuning runs). A merged (full)
+model folder is refused as ``--adapter`` (it belongs in ``--model``), and so is a damaged adapter
+file or a ``model.safetensors`` that holds no tensor: either would otherwise fail with a traceback
+or generate with the untouched base model under the adapter's name.
 
 Decoding is greedy unless ``--temperature`` (> 0) or ``--top-p`` asks for sampling (seeded by
 ``--seed``). Prompts go through the tokenizer's chat template when it has one (``--no-chat`` to
@@ -37,11 +41,23 @@ __all__ = ["add_arguments", "generate_command", "generate_texts", "load_base", "
 #: ``params`` (``model.safetensors`` of trained parameters by name, as ``vectorfit train`` saves BitFit/full FT).
 ADAPTER_KINDS = ("vectorfit", "peft", "params")
 
+#: Weight files of a whole Hugging Face model folder (one file or the index of shards).
+FULL_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+#: Any of these in a model folder means a tokenizer was saved there (transformers writes
+#: tokenizer_config.json with every tokenizer; the others are the vocabularies of older saves).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="a registered model name (see `vectorfit data list`) or a local Hugging Face model folder "
                         "(default: %(default)s)")
+    p.add_argument("--tokenizer", default=None,
+                   help="take the tokenizer from this registered model name or local folder instead of --model's "
+                        "(for a model folder saved without its tokenizer, e.g. a merged model)")
     p.add_argument("--adapter", default=None,
                    help="adapter folder (vectorfit train --save-adapter / save_pretrained); without it the base "
                         "model generates")
@@ -71,6 +87,8 @@ class Request:
 
     model: str
     model_dir: Optional[Path]  # a local folder, or None for a registered name
+    tokenizer: str  # a registered name or a local folder (--tokenizer, else --model)
+    tokenizer_dir: Optional[Path]
     adapter: Optional[Path]
     kind: Optional[str]  # one of ADAPTER_KINDS when adapter is given
     prompts: list
@@ -120,28 +138,34 @@ def adapter_kind(path: Path) -> str:
         if isinstance(meta, dict) and "peft_type" in meta:
             return "peft"
         raise ValueError(f"--adapter {path}: {cfg.name} is neither a VectorFit nor a peft adapter config")
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in FULL_MODEL_WEIGHTS):
+        # merge_and_unload().save_pretrained() writes a whole model: loading it as trained parameters
+        # would either replace every weight or fail with hundreds of "tensors this model does not have"
+        raise ValueError(f"--adapter {path}: this folder is a merged (full) model (config.json and weights), not an "
+                         f"adapter; pass it as --model {path} (with --tokenizer NAME_OR_FOLDER if it has no tokenizer "
+                         "files)")
     if (path / "model.safetensors").is_file():
         return "params"
     raise ValueError(f"--adapter {path}: no adapter in this folder (expected adapter_config.json, or model.safetensors "
                      "of trained parameters); save one with `vectorfit train --save-adapter DIR`")
 
 
-def _model_spec(model: str) -> Optional[Path]:
+def _model_spec(model: str, flag: str = "--model") -> Optional[Path]:
     """The local folder ``model`` names, or ``None`` for a registered causal LM."""
     from . import models
 
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"--model {model}: the folder has no config.json (not a Hugging Face model folder)")
+            raise ValueError(f"{flag} {model}: the folder has no config.json (not a Hugging Face model folder)")
         return path
     causal = sorted(n for n, m in models.MODELS.items() if getattr(m, "kind", "causal") == "causal")
     if model in models.MODELS:
         if model not in causal:
-            raise ValueError(f"--model {model}: a sentence encoder, not a causal language model; use "
+            raise ValueError(f"{flag} {model}: a sentence encoder, not a causal language model; use "
                              f"{', '.join(causal) or 'a local model folder'}")
         return None
-    raise ValueError(f"--model {model}: neither a model folder nor a registered causal language model "
+    raise ValueError(f"{flag} {model}: neither a model folder nor a registered causal language model "
                      f"({', '.join(causal) or 'none registered'})")
 
 
@@ -163,18 +187,39 @@ def check(ns: argparse.Namespace) -> Request:
     adapter = Path(ns.adapter).expanduser() if ns.adapter is not None else None
     kind = adapter_kind(adapter) if adapter is not None else None
     model_dir = _model_spec(ns.model)
+    tokenizer = ns.model if ns.tokenizer is None else ns.tokenizer
+    if ns.tokenizer is None:
+        tokenizer_dir = model_dir
+    elif Path(ns.tokenizer).expanduser().is_dir():  # a tokenizer folder needs no config.json
+        tokenizer_dir = Path(ns.tokenizer).expanduser()
+    else:
+        tokenizer_dir = _model_spec(ns.tokenizer, "--tokenizer")
+    if tokenizer_dir is not None and not any((tokenizer_dir / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would fail deep inside AutoTokenizer with a message about sentencepiece
+        flag = "--model" if ns.tokenizer is None else "--tokenizer"
+        raise ValueError(f"{flag} {tokenizer}: the folder has no tokenizer files "
+                         f"({', '.join(TOKENIZER_FILES[:2])}, ...); save the tokenizer there "
+                         f"(tokenizer.save_pretrained({str(tokenizer_dir)!r})) or pass --tokenizer with the "
+                         "registered name or folder of the model it was trained from")
     from .train_config import _check_device
 
     _check_device(ns.device)
     do_sample = bool(ns.temperature) or ns.top_p is not None
-    return Request(ns.model, model_dir, adapter, kind, prompts, do_sample)
+    return Request(ns.model, model_dir, tokenizer, tokenizer_dir, adapter, kind, prompts, do_sample)
 
 
 # --------------------------------------------------------------------------------------- loading
 def load_tokenizer(model: str, model_dir: Optional[Path]) -> Any:
+    """The tokenizer of a registered model, or of a local folder (which needs no config.json: a
+    ``--tokenizer`` folder may hold only the tokenizer)."""
     from . import models
 
-    return models.load_tokenizer(str(model_dir) if model_dir is not None else model)
+    if model_dir is None:
+        return models.load_tokenizer(model)
+    models.set_offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def load_base(model: str, model_dir: Optional[Path]) -> Any:
@@ -191,6 +236,8 @@ def apply_adapter(base: Any, adapter: Path, kind: str, merge: bool = False) -> A
     Raises:
         ValueError: the adapter does not fit this base (the message says why).
     """
+    from safetensors import SafetensorError
+
     if kind == "vectorfit":
         from vectorfit import AdapterError, VectorFitModel
 
@@ -198,19 +245,31 @@ def apply_adapter(base: Any, adapter: Path, kind: str, merge: bool = False) -> A
             model = VectorFitModel.from_pretrained(base, adapter)
         except AdapterError as e:
             raise ValueError(str(e)) from None
+        except SafetensorError as e:
+            raise ValueError(_damaged(adapter / "adapter_model.safetensors", e)) from None
         return model.merge_and_unload() if merge else model
     if kind == "peft":
         from peft import PeftModel
 
         try:
             model = PeftModel.from_pretrained(base, str(adapter))
+        except SafetensorError as e:
+            raise ValueError(_damaged(adapter / "adapter_model.safetensors", e)) from None
         except (ValueError, RuntimeError, KeyError) as e:
             raise ValueError(f"the peft adapter at {adapter} does not fit this model: {e}") from None
         return model.merge_and_unload() if merge else model
     if kind == "params":
         from safetensors.torch import load_file
 
-        tensors = load_file(str(adapter / "model.safetensors"))
+        weights = adapter / "model.safetensors"
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(_damaged(weights, e)) from None
+        if not tensors:
+            # loading nothing would generate with the untouched base model under the adapter's name
+            raise ValueError(f"{weights} holds no tensors, so it would change nothing; save the trained parameters "
+                             "again (`vectorfit train --save-adapter DIR`)")
         try:
             result = base.load_state_dict(tensors, strict=False)
         except RuntimeError as e:
@@ -220,6 +279,11 @@ def apply_adapter(base: Any, adapter: Path, kind: str, merge: bool = False) -> A
                              f"does not have (first: {result.unexpected_keys[0]!r}); was it trained on another model?")
         return base  # the trained tensors are now the weights: nothing to merge
     raise ValueError(f"unknown adapter kind {kind!r}; expected one of {ADAPTER_KINDS}")
+
+
+def _damaged(path: Path, e: BaseException) -> str:
+    return (f"{path} cannot be read as safetensors ({' '.join(str(e).split())}): the file is damaged or truncated; "
+            "save the adapter again")
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -283,10 +347,15 @@ def generate_command(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
         req = check(ns)
     except (ValueError, KeyError) as e:
         parser.error(_message(e))
-    tokenizer = load_tokenizer(req.model, req.model_dir)
+    try:
+        tokenizer = load_tokenizer(req.tokenizer, req.tokenizer_dir)
+    except (OSError, ValueError) as e:  # files present but unusable (a traceback from deep inside transformers)
+        flag = "--model" if ns.tokenizer is None else "--tokenizer"
+        parser.error(f"{flag} {req.tokenizer}: its tokenizer cannot be loaded ({_message(e)[:300]}); save a working "
+                     "tokenizer there or pass --tokenizer with the model it was trained from")
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if ns.chat and not has_template:
-        parser.error(f"--chat: the tokenizer of --model {req.model} has no chat template; use --no-chat")
+        parser.error(f"--chat: the tokenizer of {req.tokenizer} has no chat template; use --no-chat")
     chat = has_template if ns.chat is None else ns.chat
     model = load_base(req.model, req.model_dir)
     what = "the base model"

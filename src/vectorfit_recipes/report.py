@@ -9,11 +9,12 @@ Learning-curve suites are tabulated by ``report_curves.py``, the plots drawn by 
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
+
+from .report_files import check_out, read_result, result_problem  # noqa: F401 (re-exported)
 
 ORDER = ("vectorfit", "no_avf", "sigma_attn_bias", "sigma", "sigma_attn", "lora_r1", "lora_r8", "adalora",
          "vera", "ia3", "beft", "bitfit", "full")
@@ -39,22 +40,24 @@ def as_fractions(r: dict) -> dict:
     return r
 
 
-def load_results(root: Path, suite_names: Optional[list[str]] = None) -> list[dict]:
+def load_results(root: Path, suite_names: Optional[list[str]] = None, warn: Any = None) -> list[dict]:
     """The result files of each suite (``configs/suites.json``) found under ``root``; a run shared
-    by two suites appears once per suite, tagged with ``_suite``."""
+    by two suites appears once per suite, tagged with ``_suite``. A file that cannot be used is
+    skipped with a warning (:func:`read_result`), once even if several suites share it."""
     from .bench import runs_of, suites
 
     out = []
+    read: dict = {}
     for suite in suite_names or sorted(suites()):
         for run in runs_of(suite):
             path = run.path(Path(root))
             if not path.exists():
                 continue
-            try:
-                r = json.loads(path.read_text())
-            except json.JSONDecodeError:
+            if path not in read:
+                read[path] = read_result(path, warn=warn)
+            if read[path] is None:
                 continue
-            out.append({**as_fractions(r), "_suite": suite, "_path": str(path)})
+            out.append({**as_fractions(read[path]), "_suite": suite, "_path": str(path)})
     return out
 
 

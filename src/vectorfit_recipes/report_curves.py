@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .report import LABELS, ORDER, _fmt, as_fractions, best_rate, paired_cell, paired_stats
+from .report_files import read_result
 
 
 def _method_key(m: str) -> tuple:
@@ -34,8 +35,6 @@ def _label(key: str) -> str:
 def load_partials(root: Path, suite: str) -> list[dict]:
     """Curves of runs of ``suite`` that have not finished (``<result>.partial``, written at each
     checkpoint), tagged ``_suite`` and ``_partial``; finished runs are not repeated."""
-    import json
-
     from .bench import runs_of
     from .checkpoint import partial_path
 
@@ -45,9 +44,8 @@ def load_partials(root: Path, suite: str) -> list[dict]:
         part = partial_path(str(final))
         if final.exists() or not part.exists():
             continue
-        try:
-            r = json.loads(part.read_text())
-        except json.JSONDecodeError:
+        r = read_result(part, partial=True)  # None: unusable, skipped with a warning naming it
+        if r is None:
             continue
         out.append({**as_fractions(r), "_suite": suite, "_partial": True, "_path": str(part),
                     "trainable_params": r.get("trainable_params")})
