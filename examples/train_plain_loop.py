@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="passes over the training sentences (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     # The rate the 64-step suites chose for this setting (about 1,000 sentences, 2 epochs, transformers'
-    # pooler as the head's input; README, "Learning rates"); the main job, with mean pooling, uses 3e-3.
+    # pooler as the head's input; docs/guides/cli.md, "Learning rates"); the main job, with mean pooling, uses 3e-3.
     ap.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: %(default)s)")
     ap.add_argument("--out", default="out/plain_loop_adapter", help="adapter folder (default: %(default)s)")
     args = ap.parse_args()

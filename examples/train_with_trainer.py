@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--train-examples", type=int, default=1024, help="training sentences (default: %(default)s)")
     ap.add_argument("--eval-examples", type=int, default=400, help="validation / test sentences (default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
-    ap.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: %(default)s; README, 'Learning rates')")
+    ap.add_argument("--lr", type=float, default=1e-2, help="learning rate (default: %(default)s; docs/guides/cli.md, 'Learning rates')")
     ap.add_argument("--out", default="out/trainer", help="output folder: checkpoints and the final adapter (default: %(default)s)")
     args = ap.parse_args()
 

@@ -20,6 +20,7 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from .errors import AdapterError, ConfigError
+from .task_types import TASK_TYPES
 
 #: Parameterisations of the trained singular values (see VectorFitConfig.sigma_param).
 SIGMA_PARAMS = ("absolute", "relative")
@@ -34,10 +35,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_avf": {"sigma": ("attn", "mlp"), "bias": ("attn", "mlp"), "avf": False},
     "vectorfit": {"sigma": ("attn", "mlp"), "bias": ("attn", "mlp"), "avf": True},
 }
-
-
-#: peft's task types VectorFit supports (as in ``peft.TaskType``).
-TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 
 
 def _bad(field_name: str, value: Any, fix: str) -> ConfigError:
@@ -183,9 +180,12 @@ class VectorFitConfig(PeftConfig):
             outside the adapted matrices (embeddings, norms, an unsaved head) differ from the
             training model's; ``"warn"`` loads it with a warning. Target matrices must always match.
             ``PeftModel.from_pretrained(base, path, check_base="warn")`` sets it. Not saved.
-        targets, base_tensors, base_model_class, weights_sha256: the adapter's record of its base
-            model (target shapes, roles, fingerprints, decomposition sketches; fingerprints of every
-            other base tensor) and the checksum of its weights file. Filled by VectorFit; leave them ``None``.
+        targets: the adapter's record of its targets (shapes, roles, fingerprints, decomposition
+            sketches). Filled by VectorFit when saving; leave it ``None``.
+        base_tensors: fingerprints of every other base tensor the adapted model computes with.
+            Filled by VectorFit; leave it ``None``.
+        base_model_class: the base model's class name. Filled by VectorFit; leave it ``None``.
+        weights_sha256: the checksum of the adapter's weights file. Filled by VectorFit; leave it ``None``.
     """
 
     variant: str = field(default="vectorfit", metadata={"help": f"one of {sorted(VARIANTS)}"})

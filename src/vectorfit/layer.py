@@ -75,7 +75,8 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
     Args:
         base_layer: the layer to adapt (``nn.Linear`` or ``Conv1D``); its weight is released once decomposed.
         adapter_name: the first adapter's name.
-        train_sigma, train_bias: which vectors this adapter trains here.
+        train_sigma: whether this adapter trains the singular values here.
+        train_bias: whether this adapter trains the bias here.
         sigma_param: ``"absolute"`` or ``"relative"`` (see :class:`~vectorfit.VectorFitConfig`).
         decompose: returns ``(U, S, Vh)`` of the base matrix in float32 (the SVD cache); called once,
             when an adapter first trains singular values on this layer.

