@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Generation speed with the KV cache: base model vs VectorFit and peft LoRA r=1, unmerged and merged.
 
-Issue 10. ``model.generate`` (greedy, KV cache on, exactly ``--new-tokens`` new tokens per row:
-end-of-sequence is suppressed until then) on random-token prompts of ``--prompt-len`` tokens, at
-each batch size of ``--batches``, for:
+What text generation costs. ``model.generate`` (greedy, KV cache on, exactly ``--new-tokens`` new
+tokens per row: end-of-sequence is suppressed until then) on random-token prompts of
+``--prompt-len`` tokens, at each batch size of ``--batches``, for:
 
 * ``base``: the unmodified model;
 * ``vectorfit_unmerged``: ``get_vectorfit_model`` with the default variant (singular values and

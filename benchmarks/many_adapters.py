@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Many adapters on one base (issue 11): mixed-adapter batches, VectorFit vs peft LoRA r=1.
+"""Many adapters on one base: mixed-adapter batches, VectorFit vs peft LoRA r=1.
 
 For each model (``minilm`` sequence classification, ``smollm2`` causal LM) and a batch of 16 rows
 spread over 1, 4 and 16 different adapters, in one run and interleaved round-robin (so that drift
@@ -15,8 +15,8 @@ Plus the memory of 16 loaded adapters against 1: the bytes of the adapter tensor
 process RSS growth (noisy: it moves with the allocator, by up to the size of the factors); with
 ``--memory-only``, the exact bytes of every tensor the model holds with 1 and with 16 adapters. Adapters are random (non-zero) vectors: a speed benchmark.
 
-Targets (issue 11): ``vf_mixed`` with 16 adapters <= 1.2x ``vf_single``; ``vf_mixed`` faster than
-``lora_mixed``. Needs a quiet machine: do not run it next to other jobs.
+Targets of mixed-adapter batches: ``vf_mixed`` with 16 adapters <= 1.2x ``vf_single``; ``vf_mixed``
+faster than ``lora_mixed``. Needs a quiet machine: do not run it next to other jobs.
 
 Usage::
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Two processes x one thread against one process x two threads on the main job (issue 12, "Measured").
+"""Two processes x one thread against one process x two threads on the main job (the measured cost of the
+multiple-processes support).
 
 Both conditions run the real command, ``vectorfit train`` (MiniLM, movie sentences, the ``vectorfit``
 method, batch 32, 64 tokens), with the same global batch, the same data order and the same number

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The floor of the ``nlg`` suite (issue 10): SmolLM2-135M-Instruct *before* fine-tuning, with the
+"""The floor of the ``nlg`` suite (the text-generation benchmark): SmolLM2-135M-Instruct *before* fine-tuning, with the
 suite's own prompt, article cut and evaluation articles, greedy decoding, ROUGE-1/2/L F1 x 100.
 
 Every fine-tuning method must beat this. It is measured once, not per run (the suite sets

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training speed, memory, setup and inference cost: VectorFit vs peft LoRA r=1, BitFit, full FT.
 
-Issue 4. For each configuration it measures, in one run:
+The speed and memory targets' measurement. For each configuration it measures, in one run:
 
 * train-step time (forward + backward + AdamW step, the VectorFit run with AVF active), median over
   steps after warm-up, in train mode (dropout as the model ships) and in eval mode (no dropout: the

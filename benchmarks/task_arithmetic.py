@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Adapter arithmetic on real adapters (issue 11): interpolation, sum and negation, with the metric.
+"""Adapter arithmetic on real adapters (the exact weighted adapters): interpolation, sum and negation, with the metric.
 
 Every VectorFit adapter of one base shares ``U`` and ``Vh``, so ``add_weighted_adapter`` is exact:
 the combined adapter's weight update is ``sum_j w_j dW_j``, nothing approximated. What such a

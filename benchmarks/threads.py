@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Thread oversubscription on a shared CPU: torch threads 1 vs 2, OpenMP spin vs passive wait.
 
-Issue 13, item 1. Every measurement runs in a *fresh* process, because ``OMP_WAIT_POLICY`` is read
-once, when the OpenMP runtime starts (i.e. when torch is imported), and cannot be changed later.
+The measurements behind the ``vectorfit`` command's OpenMP thread policy. Every measurement runs in
+a *fresh* process, because ``OMP_WAIT_POLICY`` is read once, when the OpenMP runtime starts (i.e.
+when torch is imported), and cannot be changed later.
 
 Two measurements per condition:
 

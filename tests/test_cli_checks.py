@@ -1,5 +1,6 @@
 """The ``vectorfit`` command fails early and plainly, says what it wrote, and has what a package is
-expected to have (issue 13, items 1, 5, 6 and 7)."""
+expected to have: early checks of the flags, the report of what was saved, the OpenMP thread
+policy, and the license, type marker, changelog and version."""
 
 from __future__ import annotations
 
@@ -158,13 +159,15 @@ def test_report_and_bench_help_give_defaults_inside_the_repository(capsys):
     assert f"here {REPO / 'benchmarks' / 'results'}" in out
 
 
-def test_paths_named_in_the_readme_and_docstrings_exist():
-    readme = (REPO / "README.md").read_text()
-    named = set(re.findall(r"`((?:src|benchmarks|examples|tests)/[^`\s*]+)`", readme))
-    named |= set(re.findall(r"\]\(((?:src|benchmarks|examples)/[^)\s]+)\)", readme))
-    assert "src/vectorfit_recipes/configs/methods.json" in named
+def test_paths_named_in_the_readme_docs_and_docstrings_exist():
+    texts = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    named: set = set()
+    for path in texts:
+        text = path.read_text()
+        named |= set(re.findall(r"`((?:src|benchmarks|examples|tests)/[^`\s*]+)`", text))
+    assert "src/vectorfit_recipes/configs/methods.json" in named  # where the docs send readers for the rates
     missing = sorted(p for p in named if not (REPO / p.rstrip("/")).exists())
-    assert not missing, f"README names paths that do not exist: {missing}"
+    assert not missing, f"README/docs name paths that do not exist: {missing}"
     from vectorfit_recipes import assets
 
     for doc_path in re.findall(r"``([\w./-]+\.md)``", assets.__doc__):

@@ -1,4 +1,4 @@
-"""Text generation (issue 10): ``generate()`` with the KV cache gives the same greedy tokens for the
+"""Text generation: ``generate()`` with the KV cache gives the same greedy tokens for the
 trained wrapped model, the adapter saved and reloaded onto a fresh base, and the merged model; the
 ``vectorfit generate`` command prints what the Python API generates; the generation speed benchmark
 runs (smoke size: its numbers are measured by the script, not asserted here)."""

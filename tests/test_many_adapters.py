@@ -1,4 +1,4 @@
-"""Several adapters on one base model (issue 11): load/switch without a new SVD, isolation of training,
+"""Several adapters on one base model: load/switch without a new SVD, isolation of training,
 selective saving, exact weighted combinations, mixed-adapter batches, hot swap.
 
 The model is a ``peft.PeftModel`` whose tuner is VectorFit: adapters are peft's (``peft_config``,

@@ -1,4 +1,4 @@
-"""What a peft user reaches for first (issue 13, items 3, 4 and 8): ``task_type``, the warning for a
+"""What a peft user reaches for first: ``task_type``, the warning for a
 new head that would stay frozen, ``unload()``, peft's own adapter switches and state dict, and the
 progress bar of the first SVD."""
 

@@ -72,9 +72,10 @@ def test_methods_table_records_lr_and_source_for_every_method():
 
 
 def test_the_rates_checked_at_1024_steps_are_the_ones_the_realistic_suites_run():
-    """methods.json's 3-seed check at 1,024 steps (issue 14 part 3) and the suites must agree: its
-    rate is the best recorded mean validation, every recorded rate was a rate of the check suite on
-    those seeds, and converged (and curves, for the methods curves runs) run that rate."""
+    """methods.json's 3-seed check at 1,024 steps (the rate check at the realistic budget) and the
+    suites must agree: its rate is the best recorded mean validation, every recorded rate was a rate
+    of the check suite on those seeds, and converged (and curves, for the methods curves runs) run
+    that rate."""
     table, suites = methods.method_table(), bench.suites()
     checked = {m: t["at_1024_steps"] for m, t in table.items() if "at_1024_steps" in t}
     assert {"vectorfit", "lora_r1", "lora_r8", "full", "bitfit"} <= set(checked)

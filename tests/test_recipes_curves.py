@@ -479,11 +479,11 @@ def test_a_run_resumed_at_its_stop_step_trains_no_further(tmp_path):
 
 
 def test_a_suite_read_at_one_step_shares_the_curve_runs_and_reads_them_there(tmp_path, monkeypatch):
-    """``converged`` (issue 14 part 4) is the table at one budget read off the curves: a constant-rate
-    method's run is the curve suite's run (one file), counted done once its curve reaches the step
-    (finished or not) and read there, not at its end; VectorFit, whose AVF schedule depends on the
-    budget, has runs of its own ("method_settings") that end at the step. Checked against a by-hand
-    mean and paired difference of the step's values."""
+    """``converged`` (the main comparison at the realistic budget) is the table at one budget read off
+    the curves: a constant-rate method's run is the curve suite's run (one file), counted done once
+    its curve reaches the step (finished or not) and read there, not at its end; VectorFit, whose
+    AVF schedule depends on the budget, has runs of its own ("method_settings") that end at the
+    step. Checked against a by-hand mean and paired difference of the step's values."""
     from vectorfit_recipes import report
 
     settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}
@@ -644,10 +644,11 @@ def test_a_suite_read_at_one_step_can_show_its_curves_cut_at_that_step(tmp_path,
 
 
 def test_diagnostic_plots_read_a_converged_suite_at_its_step(tmp_path, monkeypatch):
-    """The heat-map and spectra prefer the converged suite (issue 14 part 4), each run as it stood at
-    the suite's step: strengths from the curve point there, ΔW spectra from a run that ended there
-    or recorded them at that point (none here). Seed 0's no-AVF run records strengths at its end (step 4) but not at step 2, so the pair is
-    seed 1's; full fine-tuning's spectra exist only at step 4, so the spectra fall back to `curves`."""
+    """The heat-map and spectra prefer the converged suite (the main comparison at the realistic
+    budget), each run as it stood at the suite's step: strengths from the curve point there, ΔW
+    spectra from a run that ended there or recorded them at that point (none here). Seed 0's no-AVF
+    run records strengths at its end (step 4) but not at step 2, so the pair is seed 1's; full
+    fine-tuning's spectra exist only at step 4, so the spectra fall back to `curves`."""
     from vectorfit_recipes import report
 
     settings = {"max_steps": 4, "eval_steps": "2,4", "pooling": "mean"}

@@ -1,4 +1,4 @@
-"""Issue 9: eight ways to get a wrong model or a crash, each reproduced on a tiny real model, and
+"""The reliability checks: eight ways to get a wrong model or a crash, each reproduced on a tiny real model, and
 the decomposition check that makes loading safe across machines.
 
 Every test here failed (or passed silently with a wrong result) before the fix it names.

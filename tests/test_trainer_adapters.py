@@ -1,4 +1,4 @@
-"""Adapter-aware saving in ``transformers.Trainer`` (issue 13, item 2), with real Trainer runs.
+"""Adapter-aware saving in ``transformers.Trainer``, as peft users expect it, with real Trainer runs.
 
 A VectorFit model is a ``peft.PeftModel``: a plain ``Trainer`` writes adapters (not the base model)
 in ``save_model`` and every checkpoint, with the AVF state inside ``adapter_model.safetensors``

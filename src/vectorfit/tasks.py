@@ -2,8 +2,8 @@
 
 peft users write ``LoraConfig(task_type="SEQ_CLS")`` and rely on peft adding the classification
 head to ``modules_to_save``; with VectorFit peft itself does that (its task classes, e.g.
-``PeftModelForSequenceClassification``), with the head names listed here: ``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS,
-``qa_outputs`` for QUESTION_ANS, nothing for the language-model and feature-extraction tasks
+``PeftModelForSequenceClassification``), with the head names of ``task_types.TASK_HEADS``
+(re-exported here): ``classifier`` / ``score`` for SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for QUESTION_ANS, nothing for the language-model and feature-extraction tasks
 (their output heads are pretrained, often tied to the embeddings, and stay frozen).
 
 Unlike peft, a task whose head names match no module of the model is an error rather than a silent
@@ -17,22 +17,13 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from torch import nn
 
 from .notices import warn
+from .task_types import TASK_HEADS, TASK_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import VectorFitConfig
 
 __all__ = ["TASK_TYPES", "TASK_HEADS", "check_task_heads", "newly_initialised_parameters", "warn_frozen_new_parameters"]
 
-#: peft's task types and the head modules each adds to ``modules_to_save``.
-TASK_HEADS: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-    "CAUSAL_LM": (),
-    "SEQ_2_SEQ_LM": (),
-    "FEATURE_EXTRACTION": (),
-}
-TASK_TYPES: tuple[str, ...] = tuple(TASK_HEADS)
 #: Head names peft's task classes add to modules_to_save themselves, whether the model has them or not
 #: (peft 0.22 adds "pre_classifier" for SEQ_CLS): never an error of the user's.
 _PEFT_ADDS = frozenset({"classifier", "score", "pre_classifier", "qa_outputs"})

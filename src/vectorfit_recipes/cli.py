@@ -28,6 +28,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from .cli_messages import one_line
+
 __all__ = ["main", "add_dataclass_arguments", "dataclass_from_args", "build_parser", "normalize_argv",
            "set_passive_openmp"]
 
@@ -330,12 +332,6 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
-def _message(e: BaseException) -> str:
-    """An exception's text on one line (a KeyError's str() would add quotes)."""
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(str(text).split())
-
-
 @contextlib.contextmanager
 def _env(name: str, value: Optional[str]) -> Iterator[None]:
     """Set an environment variable for the duration of the block (nothing if ``value`` is None)."""
@@ -364,13 +360,13 @@ def _train_command(ns: argparse.Namespace, train_parser: argparse.ArgumentParser
         cfg.validate()
         cfg.check_environment()
     except (ValueError, KeyError) as e:
-        train_parser.error(_message(e))
+        train_parser.error(one_line(e))
     try:
         # --no-progress also silences the library's SVD progress bar.
         with _env("VECTORFIT_PROGRESS", None if cfg.progress else "0"):
             result = run(cfg)
     except ConfigError as e:  # found once the model is built, still before training (e.g. --avf-k too large)
-        train_parser.error(f"stopped before training: {_message(e)}")
+        train_parser.error(f"stopped before training: {one_line(e)}")
     if result.get("rank", 0) == 0:  # under torchrun only rank 0 saved anything (distributed.py)
         _say_what_was_saved(cfg, result)
     return 0
@@ -454,7 +450,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 check_arguments(ns.jobs, ns.threads, ns.limit, ns.stop_at_step,
                                 None if ns.status or ns.dry_run else results)
             except ValueError as e:
-                _subparser(parser, "bench").error(_message(e))
+                _subparser(parser, "bench").error(one_line(e))
             only = {k: getattr(ns, k).split(",") for k in ("methods", "tasks", "seeds", "lrs", "options")
                     if getattr(ns, k)}
             if ns.status:
@@ -478,7 +474,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             try:
                 check_out(out_md)  # before reading results: a typo in --out fails at once
             except ValueError as e:
-                _subparser(parser, "report").error(_message(e))
+                _subparser(parser, "report").error(one_line(e))
             out = write_report(Path(ns.results) if ns.results else _repo_path("benchmarks/results"), out_md,
                                Path(ns.notes) if ns.notes else _repo_path("benchmarks/NOTES.md"), suites)
             print(f"report written to {out}")

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .cli_messages import one_line
+
 __all__ = ["add_arguments", "generate_command", "generate_texts", "load_base", "apply_adapter", "adapter_kind",
            "read_prompts"]
 
@@ -341,17 +343,15 @@ def _short(prompt: str, n: int = 60) -> str:
 
 def generate_command(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``vectorfit generate``: checks, then loading, then one output per prompt on stdout."""
-    from .cli import _message
-
     try:
         req = check(ns)
     except (ValueError, KeyError) as e:
-        parser.error(_message(e))
+        parser.error(one_line(e))
     try:
         tokenizer = load_tokenizer(req.tokenizer, req.tokenizer_dir)
     except (OSError, ValueError) as e:  # files present but unusable (a traceback from deep inside transformers)
         flag = "--model" if ns.tokenizer is None else "--tokenizer"
-        parser.error(f"{flag} {req.tokenizer}: its tokenizer cannot be loaded ({_message(e)[:300]}); save a working "
+        parser.error(f"{flag} {req.tokenizer}: its tokenizer cannot be loaded ({one_line(e)[:300]}); save a working "
                      "tokenizer there or pass --tokenizer with the model it was trained from")
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if ns.chat and not has_template:
@@ -363,7 +363,7 @@ def generate_command(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
         try:
             model = apply_adapter(model, req.adapter, req.kind, merge=ns.merge)
         except ValueError as e:
-            parser.error(f"cannot use --adapter {req.adapter} with --model {req.model}: {_message(e)}")
+            parser.error(f"cannot use --adapter {req.adapter} with --model {req.model}: {one_line(e)}")
         what = f"{req.kind} adapter {req.adapter}" + (" (merged)" if ns.merge else "")
     model.to(ns.device)
     mode = "sampling" if req.do_sample else "greedy"

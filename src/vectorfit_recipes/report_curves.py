@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, ORDER, _fmt, as_fractions, best_rate, paired_cell, paired_stats
+from .report_common import LABELS, ORDER, _fmt, as_fractions, best_rate, paired_cell, paired_stats
 from .report_files import read_result
 
 

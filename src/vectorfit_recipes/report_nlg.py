@@ -1,4 +1,4 @@
-"""The generation section of the report (issue 10): ``bbc-headline`` with SmolLM2.
+"""The text-generation section of the report: ``bbc-headline`` with SmolLM2.
 
 The two generation suites share one section. ``nlg-rates`` sweeps each method's rate on seed 0 and
 ``nlg`` repeats each chosen rate over three seeds, sharing its seed-0 runs with the sweep. The
@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, _mean_std, _method_key
+from .report_common import LABELS, _mean_std, _method_key
 
 __all__ = ["SUITES", "chosen_rates", "nlg_section"]
 

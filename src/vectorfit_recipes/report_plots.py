@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-from .report import LABELS, _method_key, _one_lr, strength_spread
+from .report_common import LABELS, _method_key, _one_lr, strength_spread
 
 # Short names for vector types in the heat-map (module tail -> label), BERT-like and MPNet names.
 _VECTOR_TYPES = [
@@ -83,7 +83,7 @@ def plot_params(agg: dict, suite: str, out: Path) -> Optional[Path]:
 
 
 #: Which suite the diagnostic plots (heat-map, spectra) are drawn from, first that has the runs:
-#: the converged suite read at its budget (the issue's headline runs), then the longest curves.
+#: the converged suite read at its budget (the headline comparison at a realistic budget), then the longest curves.
 DIAGNOSTIC_SUITES = ("converged", "curves", "curves-rates", "main", "ablation")
 
 
