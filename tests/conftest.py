@@ -160,13 +160,36 @@ def make_tiny_vit(seed: int = 0, dtype=None, **overrides) -> nn.Module:
     return _seeded(T.ViTForImageClassification, T.ViTConfig(**cfg), seed, dtype)
 
 
+def make_tiny_resnet(seed: int = 0, dtype=None, **overrides) -> nn.Module:
+    """Convolutions without biases (each followed by batch norm), 7x7 stride-2 stem, 1x1 shortcut."""
+    cfg = dict(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+               num_labels=NUM_LABELS)
+    cfg.update(overrides)
+    return _seeded(T.ResNetForImageClassification, T.ResNetConfig(**cfg), seed, dtype)
+
+
+def make_tiny_convnext(seed: int = 0, dtype=None, **overrides) -> nn.Module:
+    """Depthwise 7x7 convolutions (groups = channels, with bias), a 2x2 stride-2 patch convolution
+    and downsampling convolutions, Linear pointwise MLPs."""
+    # layer_scale_init_value: ConvNeXt's per-channel output scale starts at 1e-6, which would hide
+    # every block's change from the outputs; a pretrained model's learned scales are far larger.
+    cfg = dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2, num_labels=NUM_LABELS,
+               layer_scale_init_value=1.0)
+    cfg.update(overrides)
+    return _seeded(T.ConvNextForImageClassification, T.ConvNextConfig(**cfg), seed, dtype)
+
+
+_IMAGE_MODELS = {"vit": 8, "resnet": 16, "convnext": 16, "mobilenet_v2": 32}  # model_type -> image side
+
+
 # ---------------------------------------------------------------------------------------- inputs
 def example_inputs(model: nn.Module, batch: int = 2, seq: int = 7, seed: int = 1234, labels: bool = False) -> dict:
     """Deterministic inputs for any model built above (same seed -> same tensors)."""
     g = torch.Generator().manual_seed(seed)
     mtype = model.config.model_type
-    if mtype == "vit":
-        px = torch.randn(batch, 3, 8, 8, generator=g).to(next(model.parameters()).dtype)
+    if mtype in _IMAGE_MODELS:
+        side = _IMAGE_MODELS[mtype]
+        px = torch.randn(batch, 3, side, side, generator=g).to(next(model.parameters()).dtype)
         out = {"pixel_values": px}
         if labels:
             out["labels"] = torch.randint(0, NUM_LABELS, (batch,), generator=g)
@@ -230,6 +253,7 @@ class Arch:
     expected_targets: Callable[[nn.Module], list]
     head: Optional[str] = None  # a new task head, trained and saved ("modules_to_save")
     conv1d: bool = False  # GPT-2 style: weight stored d_in x d_out
+    conv2d: bool = False  # some targets are Conv2d (adapted as out x in/groups*kh*kw)
     has_bias: bool = True
 
 
@@ -285,6 +309,29 @@ def _bart_targets(model):
 
 _BERT_MLP = ("intermediate.dense", "output.dense")
 
+
+def _resnet_targets(model):
+    # Every pretrained convolution (no attention in a CNN: all "mlp"), not the classifier: the stem,
+    # each basic block's two 3x3 convolutions, and the 1x1 shortcut where a block changes the width
+    # or the stride (registered before the block's own convolutions).
+    c = model.config
+    out, width = [("resnet.embedder.embedder.convolution", "mlp")], c.embedding_size
+    for i, (hidden, depth) in enumerate(zip(c.hidden_sizes, c.depths)):
+        for j in range(depth):
+            p = f"resnet.encoder.stages.{i}.layers.{j}."
+            stride = 2 if j == 0 and (i > 0 or c.downsample_in_first_stage) else 1
+            if (width if j == 0 else hidden) != hidden or stride != 1:
+                out.append((p + "shortcut.convolution", "mlp"))
+            out += [(p + f"layer.{k}.convolution", "mlp") for k in range(2)]
+        width = hidden
+    return out
+
+
+def _convnext_targets(model):
+    # The blocks' depthwise convolutions and pointwise Linear MLPs; not the patch / downsampling convs.
+    return [(f"convnext.encoder.stages.{i}.layers.{j}.{x}", "mlp") for i, d in enumerate(model.config.depths)
+            for j in range(d) for x in ("dwconv", "pwconv1", "pwconv2")]
+
 ARCHS: dict[str, Arch] = {
     "bert": Arch("bert", make_tiny_bert, _bert_like("bert.encoder.layer", ("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense", _BERT_MLP), head="classifier"),
     "roberta": Arch("roberta", make_tiny_roberta, _bert_like("roberta.encoder.layer", ("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense", _BERT_MLP), head="classifier"),
@@ -299,15 +346,21 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch("qwen2", make_tiny_qwen2, _llama_targets),
     "t5": Arch("t5", make_tiny_t5, _t5_targets, has_bias=False),
     "bart": Arch("bart", make_tiny_bart, _bart_targets),
+    "resnet": Arch("resnet", make_tiny_resnet, _resnet_targets, head="classifier", has_bias=False, conv2d=True),
+    "convnext": Arch("convnext", make_tiny_convnext, _convnext_targets, head="classifier", conv2d=True),
 }
 
-#: The architectures every common test runs on.
-CORE_ARCHS = ["bert", "gpt2", "llama", "t5", "bart", "vit"]
+#: The architectures every common test runs on (ResNet and ConvNeXt: Conv2d targets).
+CORE_ARCHS = ["bert", "gpt2", "llama", "t5", "bart", "vit", "resnet", "convnext"]
 
 
 def matrix_of(module: nn.Module, conv1d: bool) -> torch.Tensor:
-    """A Linear's / Conv1D's weight as the ``d_out x d_in`` matrix it applies."""
-    return module.weight.detach().t() if conv1d else module.weight.detach()
+    """A Linear's / Conv1D's weight as the ``d_out x d_in`` matrix it applies; a Conv2d's kernel
+    ``(out, in/groups, kh, kw)`` as ``out x (in/groups * kh * kw)``."""
+    w = module.weight.detach()
+    if conv1d:
+        return w.t()
+    return w.reshape(w.shape[0], -1) if w.dim() == 4 else w
 
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -368,5 +421,5 @@ def spread_singular_values(model: nn.Module, names, conv1d: bool = False, low: f
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         s = torch.linspace(1.0, low, S.numel(), dtype=torch.float64) * S.max()
         W2 = (U * s) @ Vh
-        m.weight.copy_((W2.t() if conv1d else W2).to(m.weight.dtype))
+        m.weight.copy_((W2.t() if conv1d else W2.reshape(m.weight.shape)).to(m.weight.dtype))
     return model

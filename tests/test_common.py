@@ -1,6 +1,7 @@
 """Common tests over the architecture matrix, in the spirit of peft's ``testing_common``.
 
-For BERT, GPT-2 (Conv1D), Llama (gated MLP, no biases), T5, BART and ViT:
+For BERT, GPT-2 (Conv1D), Llama (gated MLP, no biases), T5, BART, ViT, ResNet (Conv2d without biases,
+a 7x7 stride-2 stem, 1x1 shortcuts) and ConvNeXt (depthwise 7x7 Conv2d with groups = channels):
 
 * outputs equal the base model's at initialisation;
 * after AdamW steps only the singular values, the chosen biases and the head changed, checked
@@ -125,7 +126,7 @@ def test_training_changes_only_singular_values_biases_and_head(arch, variant):
                 continue
             # Independent check: in the ORIGINAL weight's singular bases the new weight is diagonal.
             W0 = matrix_of(orig.get_submodule(module_name), arch.conv1d).double()
-            W1 = (w1.t() if arch.conv1d else w1).double()
+            W1 = (w1.t() if arch.conv1d else w1.reshape(W0.shape)).double()  # a Conv2d kernel as its matrix
             assert W1.shape == W0.shape
             U0, S0, Vh0 = torch.linalg.svd(W0, full_matrices=False)
             D = U0.T @ W1 @ Vh0.T
@@ -274,7 +275,11 @@ def test_merge_and_unload_returns_plain_base_model(arch):
     assert [n for n, _ in merged.named_modules()] == [n for n, _ in orig.named_modules()]
     for t, _ in arch.expected_targets(orig):
         m = merged.get_submodule(t)
-        assert type(m) is (Conv1D if arch.conv1d else nn.Linear), f"{t} is a {type(m).__name__}"
+        assert type(m) is type(orig.get_submodule(t)), f"{t} is a {type(m).__name__}"  # plain Linear / Conv1D / Conv2d
+        if isinstance(m, nn.Conv2d):  # a convolution keeps every attribute of the original
+            o = orig.get_submodule(t)
+            for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+                assert getattr(m, attr) == getattr(o, attr), f"{t}.{attr}"
         assert m.weight.dtype == orig.get_submodule(t).weight.dtype
         assert m.weight.shape == orig.get_submodule(t).weight.shape
         assert m.bias is not None, f"{t}: the trained bias was dropped"
@@ -317,10 +322,13 @@ def test_default_targets_and_roles(name):
     got = [(n, role) for n, _, role in find_targets(model)]
     assert got == arch.expected_targets(model)
     per_block = {"gpt2": 4, "llama": 7, "mistral": 7, "qwen2": 7}.get(name, 6)
-    if name not in ("t5", "bart"):  # encoder-decoders: 6 per encoder block, 10 per decoder block
+    if name not in ("t5", "bart") and not arch.conv2d:  # encoder-decoders: 6 per encoder block, 10 per decoder block
         assert len(got) == per_block * 2
+    allowed = (Conv1D,) if arch.conv1d else (nn.Linear, nn.Conv2d) if arch.conv2d else (nn.Linear,)
     for n, module, _ in find_targets(model):
-        assert type(module) is (Conv1D if arch.conv1d else nn.Linear), n
+        assert type(module) in allowed, n
+    if arch.conv2d:
+        assert any(type(module) is nn.Conv2d for _, module, _ in find_targets(model))
 
 
 _SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)

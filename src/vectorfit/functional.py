@@ -100,7 +100,7 @@ import contextlib
 import os
 import threading
 import weakref
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -497,6 +497,48 @@ def svd_linear(
     if shareable and (policy == "dense" or keep_input):
         _note_kept_input(x)
     return y.reshape(*lead, c)
+
+
+def svd_conv2d(x: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optional[Tensor], conv: Callable,
+               kernel_shape: tuple, owner: Optional[object] = None) -> Tensor:
+    """A 2-D convolution whose kernel is ``U diag(s) Vh`` reshaped to ``kernel_shape``.
+
+    The kernel is rebuilt (``r c k`` multiply-adds, k = in/groups * kh * kw) and the layer's own
+    convolution runs once: the same cost as the base convolution plus, in training, autograd's
+    kernel gradient (what full fine-tuning computes too) and ``ds = diag(U^T dW Vh^T)``. The other
+    exact form, a ``Vh`` convolution into r channels followed by a 1x1 ``U diag(s)`` convolution,
+    costs the base convolution (r >= out channels there) *plus* an r x c pointwise convolution at
+    every output pixel, forward and twice backward, and cannot express groups or padding modes;
+    benchmarks/conv_speed.py measures this form against peft's LoRA Conv2d. Without a gradient the
+    rebuilt kernel is cached while ``s`` does not change (as for the linear layer).
+
+    Args:
+        x: ``(N, C_in, H, W)`` input.
+        U, Vh: frozen factors (``c x r``, ``r x k``) in the storage dtype.
+        s: singular values (float32, ``r``).
+        b: bias (float32, ``c``) or ``None``.
+        conv: ``conv(x, weight, bias)``, the base layer's ``_conv_forward`` (stride, padding,
+            padding mode, dilation and groups as the base layer has them).
+        kernel_shape: the base kernel's shape ``(c, in/groups, kh, kw)``.
+        owner: the layer, which may keep the rebuilt kernel for no-grad calls.
+    """
+    if owner is not None and torch.compiler.is_compiling():
+        owner = None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = U.dtype if autocast else x.dtype  # under autocast the convolution casts its kernel itself
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or (b is not None and b.requires_grad))
+    W = None
+    if not need_grad and owner is not None:
+        W = _cached_dense_weight(owner, U, Vh, s, dtype)
+    elif owner is not None:
+        drop_cache(owner)
+    if W is None:
+        if need_grad:
+            W = ((U.float() * s.float()) @ Vh.float()).to(dtype)
+        else:
+            with torch.no_grad():
+                W = ((U.float() * s.float()) @ Vh.float()).to(dtype)
+    return conv(x, W.reshape(kernel_shape), _cast(b, W.dtype) if not autocast else b)
 
 
 # Low-memory mode: the last input a VectorFit layer kept for its backward (x itself, not a copy),

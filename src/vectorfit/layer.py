@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 
-from .functional import mixed_rows_linear, svd_fp32, svd_linear  # noqa: F401  (svd_fp32: public here too)
-from .targets import is_conv1d
+from .functional import mixed_rows_linear, svd_conv2d, svd_fp32, svd_linear  # noqa: F401  (svd_fp32: public here too)
+from .targets import is_conv1d, is_conv2d
 
 #: peft's name for "no adapter" in a mixed batch (``adapter_names=[..., "__base__", ...]``).
 BASE = "__base__"
@@ -48,8 +48,14 @@ SIGMA, BIAS = "sigma", "bias"
 
 
 def matrix_of(module: nn.Module) -> Tensor:
-    """The ``d_out x d_in`` matrix of a Linear or (transposed) Conv1D."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+    """The ``d_out x d_in`` matrix of a Linear, a (transposed) Conv1D, or a Conv2d: its kernel
+    ``(out, in/groups, kh, kw)`` as ``out x (in/groups * kh * kw)`` (a view; a grouped or depthwise
+    convolution is one matrix, as its weight tensor is one)."""
+    if is_conv1d(module):
+        return module.weight.t()
+    if is_conv2d(module):
+        return module.weight.reshape(module.weight.shape[0], -1)
+    return module.weight
 
 
 def _placeholder(shape: tuple, like: Tensor) -> Tensor:
@@ -96,6 +102,8 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.conv1d = is_conv1d(base_layer)
+        self.conv2d = is_conv2d(base_layer)
+        self.kernel_shape = tuple(base_layer.weight.shape)  # a Conv2d's (out, in/groups, kh, kw)
         w = matrix_of(base_layer)
         self.out_features, self.in_features = w.shape
         self.had_bias = base_layer.bias is not None
@@ -272,7 +280,8 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
             if self.decomposed:
                 w = self.dense_weight(s if merge else None)
                 base.__dict__.pop("weight", None)
-                base.weight = nn.Parameter((w.t() if self.conv1d else w).contiguous(), requires_grad=False)
+                w = w.t() if self.conv1d else w.reshape(self.kernel_shape)
+                base.weight = nn.Parameter(w.contiguous(), requires_grad=False)
             if merge and b is not None and b is not base.bias:
                 dtype = base.weight.dtype
                 base.bias = nn.Parameter(b.detach().to(dtype).clone(), requires_grad=False)
@@ -300,8 +309,7 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
             if self.__dict__.get("_merged_from") != self._vector_versions(self.merged_adapters):
                 self._refresh_merge()
             w = self._merged_weight if self._merged_weight is not None else matrix_of(self.base_layer)
-            b = self._merged_bias
-            return F.linear(x, w, b.to(x.dtype) if b is not None else None)
+            return self._apply_weight(x, w, self._merged_bias)
         if adapter_names is not None:
             return self._mixed_forward(x, adapter_names)
         active = self.active_adapters
@@ -319,10 +327,19 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         else:
             p, b = self.effective_vectors(active)
         if not self.decomposed:
-            return F.linear(x, matrix_of(self.base_layer), b.to(x.dtype) if b is not None else None)
+            return self._apply_weight(x, matrix_of(self.base_layer), b)
         if p is None:
             p = self.sigma0
+        if self.conv2d:
+            return svd_conv2d(x, self.U, self.Vh, p, b, self.base_layer._conv_forward, self.kernel_shape, owner=self)
         return svd_linear(x, self.U, self.Vh, p, b, owner=self)
+
+    def _apply_weight(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        """The base layer's operation with the ``d_out x d_in`` matrix ``w`` and bias ``b``."""
+        if self.conv2d:
+            # _conv_forward applies the base layer's stride, padding (and padding mode), dilation, groups.
+            return self.base_layer._conv_forward(x, w.reshape(self.kernel_shape).to(x.dtype), b.to(x.dtype) if b is not None else None)
+        return F.linear(x, w, b.to(x.dtype) if b is not None else None)
 
     def _relative_sigma(self, adapter_name: str, z: Tensor) -> Tensor:
         """``s0 (1 + z)``. Without a gradient one tensor is kept and updated in place, so the
@@ -347,9 +364,11 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
     def _base_forward(self, x: Tensor) -> Tensor:
         """The pre-trained layer (``disable_adapter``): ``U diag(s0) Vh x + b0``, or the dense base."""
         b = self._base_bias()
-        b = b.to(x.dtype) if b is not None else None
         if not self.decomposed:
-            return F.linear(x, matrix_of(self.base_layer), b)
+            return self._apply_weight(x, matrix_of(self.base_layer), b)
+        if self.conv2d:
+            return self._apply_weight(x, self.dense_weight(), b)
+        b = b.to(x.dtype) if b is not None else None
         return F.linear(F.linear(x, self.Vh) * self.sigma0.to(x.dtype), self.U, b)
 
     def _mixed_forward(self, x: Tensor, adapter_names: list[str]) -> Tensor:
@@ -369,6 +388,16 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
             B = torch.stack([(b if b is not None else torch.zeros_like(self.bias0)).float() for b in biases])
         else:
             B = None
+        if self.conv2d:  # one convolution per adapter over its rows (the kernel differs per adapter)
+            out = None
+            for i, (s, b) in enumerate(pairs):
+                rows = torch.nonzero(index == i).flatten()
+                if rows.numel():
+                    w = self.dense_weight(s) if self.decomposed else matrix_of(self.base_layer)
+                    y = self._apply_weight(x[rows], w, b)
+                    out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+                    out[rows] = y
+            return out
         if not self.decomposed:
             return mixed_rows_linear(x, index, B, W=matrix_of(self.base_layer))
         S = torch.stack([s.float() for s, _ in pairs])
@@ -376,4 +405,6 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
 
     def extra_repr(self) -> str:
         mode = "decomposed" if self.decomposed else "dense (bias only)"
+        if self.conv2d:
+            return f"kernel={self.kernel_shape} (matrix {self.out_features} x {self.in_features}), {mode}, merged={self.merged}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {mode}, merged={self.merged}"

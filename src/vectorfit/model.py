@@ -191,6 +191,8 @@ class VectorFitModel(AdaptersMixin, BaseTuner):
             "sigma": train_sigma, "bias": train_bias, "had_bias": layer.had_bias,
             "dtype": base_check.dtype_name(matrix.dtype),
         }
+        if layer.conv2d:
+            st["records"][adapter_name][current_key]["kernel"] = list(layer.kernel_shape)
         if st["bar"] is not None:
             st["bar"].update(1)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 ATTN, MLP = "attn", "mlp"
+_NOTHING = r"(?!)"  # a regex that matches no name
 
 _BERT_LIKE = {
     ATTN: r"layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
@@ -76,6 +77,11 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
         ATTN: r"block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)",
         MLP: r"block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1|wo)",
     },
+    # Convolutional networks have no attention: every pretrained convolution is a feed-forward
+    # ("mlp") matrix, so the attention-only variants train nothing there (and say so).
+    "resnet": {ATTN: _NOTHING, MLP: r"(embedder|layer\.\d+|shortcut)\.convolution"},
+    "mobilenet_v2": {ATTN: _NOTHING, MLP: r"(conv_stem\.(first_conv|conv_3x3|reduce_1x1)|layer\.\d+\.(expand_1x1|conv_3x3|reduce_1x1)|conv_1x1)\.convolution"},
+    "convnext": {ATTN: _NOTHING, MLP: r"layers\.\d+\.(dwconv|pwconv1|pwconv2)"},
 }
 
 # Used to tell attention from MLP for explicit targets on architectures not listed above.
@@ -107,8 +113,22 @@ def is_vectorfit_layer(module: nn.Module) -> bool:
     return type(module).__name__ == "VectorFitLayer" and hasattr(module, "vectorfit_sigma")
 
 
+def is_conv2d(module: nn.Module) -> bool:
+    """A plain 2-D convolution (not a transposed one), adapted as the matrix
+    ``out_channels x (in_channels / groups * kh * kw)`` (its weight tensor, reshaped)."""
+    return isinstance(module, nn.Conv2d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A linear map: ``nn.Linear``, a GPT-2 ``Conv1D``, or a VectorFit layer over one."""
+    if is_vectorfit_layer(module):
+        return not is_conv2d(module.base_layer)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module) or is_vectorfit_layer(module)
+    """What VectorFit can adapt: a linear map (:func:`is_linear`) or a 2-D convolution."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_conv2d(module) or is_vectorfit_layer(module)
 
 
 def model_type_of(model: nn.Module) -> Optional[str]:
@@ -125,7 +145,7 @@ def _names_match(entries: list, name: str) -> bool:
 
 
 def candidate_names(model: nn.Module) -> list[str]:
-    """Distinct Linear/Conv1D module names with layer numbers folded to ``*`` (for error messages)."""
+    """Distinct Linear/Conv1D/Conv2d module names with layer numbers folded to ``*`` (for error messages)."""
     seen: dict[str, None] = {}
     for name, module in model.named_modules():
         if is_linear_like(module):
@@ -167,7 +187,7 @@ def output_layer_names(model: nn.Module) -> set:
             continue
         if is_vectorfit_layer(module) or is_peft_layer(module):
             inside.append(name)
-        if is_linear_like(module):
+        if is_linear(module):
             last = name
         elif last is not None and next(module.parameters(recurse=False), None) is not None:
             # A layer with weights after it (a backbone's final norm): that Linear is no output layer.
@@ -306,7 +326,7 @@ def find_targets(
     elif target_modules == "all-linear":
 
         def selected(name: str, module: nn.Module) -> bool:
-            return name not in heads and is_linear_like(module)
+            return name not in heads and is_linear(module)  # as in peft: no convolutions
 
     elif isinstance(target_modules, str):
 
@@ -362,9 +382,12 @@ def find_targets(
             if lib is not None:  # e.g. a GPTQ/AWQ QuantLinear: an nn.Module with packed qweight, no weight
                 raise TargetError(f"module {name!r} ({_qualname(module)}) is a quantised layer (from {lib}); "
                                   + _UNQUANTISED_FIX)
+            kind = type(module).__name__
+            why = (" (a transposed or 1-D/3-D convolution: VectorFit adapts Linear, Conv1D and Conv2d layers)"
+                   if isinstance(module, nn.modules.conv._ConvNd) else "")
             raise TargetError(
-                f"module {name!r} ({type(module).__name__}) matched the targets but is not a Linear/Conv1D; "
-                f"VectorFit adapts linear maps only. Linear modules of this model: {candidate_names(model)}"
+                f"module {name!r} ({kind}) matched the targets but is not a Linear/Conv1D/Conv2d{why}; "
+                f"VectorFit adapts matrix layers only. Its candidate modules: {candidate_names(model)}"
             )
         if check_weights:
             check_target_weight(name, module)
