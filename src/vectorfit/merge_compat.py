@@ -74,8 +74,20 @@ def reconcile_biases(model: nn.Module, added: list[str]) -> None:
             if layer.bias is not None and not bool(layer.bias.any()):
                 layer.bias = None
     needed = [n for n in added if model.get_submodule(n).bias is not None]
+    if not needed:
+        return
     config = getattr(model, "config", None)
-    if not needed or config is None or not hasattr(config, "to_dict") or not hasattr(type(model), "config_class"):
+    if config is None or not hasattr(config, "to_dict") or not hasattr(type(model), "config_class"):
+        # Not a transformers model (a diffusers UNet, a plain nn.Module): its class builds those
+        # layers without a bias, so a fresh copy loading the merged weights drops them (diffusers'
+        # from_pretrained, with a log line) or refuses them (a strict load_state_dict).
+        warn(
+            f"the merged {type(model).__name__} has trained biases on {len(needed)} layer(s) its class builds without "
+            f"one ({needed[:3]}{' ...' if len(needed) > 3 else ''}): it computes correctly, but loading its weights into "
+            f"a freshly built {type(model).__name__} (e.g. from_pretrained of a saved merged model) drops or refuses "
+            "them. Keep the adapter instead, save the merged module itself (torch.save), or train with a variant that "
+            "trains no bias there (e.g. variant='sigma')",
+        )
         return
     built = _bias_layout(type(model), config)
     if built is None:

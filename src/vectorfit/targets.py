@@ -87,7 +87,7 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
 # Used to tell attention from MLP for explicit targets on architectures not listed above.
 _GENERIC_ATTN = re.compile(
     r"(^|.*\.)(q|k|v|o|query|key|value|q_proj|k_proj|v_proj|o_proj|out_proj|qkv|qkv_proj|c_attn|"
-    r"q_lin|k_lin|v_lin|out_lin|Wqkv|in_proj)$|(^|.*\.)(attn|attention|self_attn|SelfAttention)\."
+    r"q_lin|k_lin|v_lin|out_lin|Wqkv|in_proj|to_q|to_k|to_v|to_out\.0)$|(^|.*\.)(attn\d*|attention|self_attn|SelfAttention)\."
 )
 
 # Output heads are never "all-linear" targets: they are new or tied to the embeddings.
