@@ -239,6 +239,19 @@ def train_steps(model: nn.Module, inputs: dict, steps: int = 3, lr: float = 2e-2
         opt.zero_grad()
 
 
+class Rows(torch.utils.data.Dataset):
+    """A dict of batched tensors as a dataset of rows (for ``transformers.Trainer``)."""
+
+    def __init__(self, inputs: dict) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.inputs.items()}
+
+
 # ---------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Arch:

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import transformers as T
-from conftest import example_inputs, logits_of, make_tiny_bert, make_tiny_llama, train_steps
+from conftest import Rows, example_inputs, logits_of, make_tiny_bert, make_tiny_llama, train_steps
 
 import vectorfit
 from peft import PeftModel
@@ -210,17 +210,6 @@ def test_saving_an_avf_adapter_trained_without_avf_warns(tmp_path):
 
 
 # ------------------------------------------------------------------ the plain Trainer and a tied model
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, inputs):
-        self.inputs = inputs
-
-    def __len__(self):
-        return len(self.inputs["input_ids"])
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.inputs.items()}
-
-
 @pytest.mark.parametrize("callback", [True, False])
 def test_plain_trainer_on_a_tied_embedding_llama_saves_and_reloads(tmp_path, callback):
     def base():
@@ -233,7 +222,7 @@ def test_plain_trainer_on_a_tied_embedding_llama_saves_and_reloads(tmp_path, cal
     args = T.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, learning_rate=2e-2,
                                max_steps=4, save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
                                dataloader_num_workers=0)
-    trainer = T.Trainer(model=model, args=args, train_dataset=_Rows({"input_ids": ids, "labels": ids.clone()}),
+    trainer = T.Trainer(model=model, args=args, train_dataset=Rows({"input_ids": ids, "labels": ids.clone()}),
                         callbacks=[AVFCallback()] if callback else [])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always", VectorFitWarning)

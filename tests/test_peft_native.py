@@ -22,7 +22,7 @@ import vectorfit
 from vectorfit import AdapterError, AVFConfig, VectorFitConfig, VectorFitLayer, VectorFitWarning, distributed
 from vectorfit.integrations import AVFCallback
 
-from conftest import example_inputs, logits_of, make_tiny_bert, make_tiny_llama
+from conftest import Rows, example_inputs, logits_of, make_tiny_bert, make_tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -221,23 +221,12 @@ def _training_args(out, **kw):
                                dataloader_num_workers=0, disable_tqdm=True, **kw)
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, inputs):
-        self.inputs = inputs
-
-    def __len__(self):
-        return len(self.inputs["input_ids"])
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.inputs.items()}
-
-
 def test_plain_trainer_saves_adapters_and_resumes_avf_exactly(tmp_path):
     def run(out, resume=None):
         base = make_tiny_bert()
         inputs = example_inputs(base, batch=8, labels=True)
         model = vectorfit.get_vectorfit_model(base, VectorFitConfig(task_type="SEQ_CLS", avf=AVFConfig(k=3)))
-        trainer = T.Trainer(model=model, args=_training_args(out), train_dataset=_Rows(inputs), callbacks=[AVFCallback()])
+        trainer = T.Trainer(model=model, args=_training_args(out), train_dataset=Rows(inputs), callbacks=[AVFCallback()])
         trainer.train(resume_from_checkpoint=resume)
         return model, trainer
 
