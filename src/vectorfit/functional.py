@@ -504,12 +504,15 @@ def svd_conv2d(x: Tensor, U: Tensor, Vh: Tensor, s: Tensor, b: Optional[Tensor],
     """A 2-D convolution whose kernel is ``U diag(s) Vh`` reshaped to ``kernel_shape``.
 
     The kernel is rebuilt (``r c k`` multiply-adds, k = in/groups * kh * kw) and the layer's own
-    convolution runs once: the same cost as the base convolution plus, in training, autograd's
-    kernel gradient (what full fine-tuning computes too) and ``ds = diag(U^T dW Vh^T)``. The other
-    exact form, a ``Vh`` convolution into r channels followed by a 1x1 ``U diag(s)`` convolution,
-    costs the base convolution (r >= out channels there) *plus* an r x c pointwise convolution at
-    every output pixel, forward and twice backward, and cannot express groups or padding modes;
-    benchmarks/conv_speed.py measures this form against peft's LoRA Conv2d. Without a gradient the
+    convolution runs once: the base convolution's cost plus, in training, autograd's kernel gradient
+    (what full fine-tuning computes too) and ``ds = diag(U^T dW Vh^T)``. Why not the other exact
+    form, a ``Vh`` convolution into r channels followed by a 1x1 ``U diag(s)`` convolution: it needs
+    no kernel gradient (``Vh`` is frozen), but adds an r x c pointwise convolution at every output
+    pixel, forward and twice backward, and cannot express groups (depthwise convolutions) or padding
+    modes in its first step. Measured on MobileNetV2 (benchmarks/conv_speed.py, SPEED.md), the
+    rebuilt kernel is 1.59x faster on the 3x3 stem and about level on the 1x1 layers (the two-conv
+    form wins on the late and projection layers, where a batch has fewer output pixels than the layer
+    has output channels; choosing per layer would save 1-4% of a step). Without a gradient the
     rebuilt kernel is cached while ``s`` does not change (as for the linear layer).
 
     Args:
