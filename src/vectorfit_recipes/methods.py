@@ -5,8 +5,9 @@ one training loop drives: the same data order, the same newly initialised task h
 full by every method, as peft's ``modules_to_save``), the same evaluation.
 
 The baselines are ``peft``'s own implementations (LoRA, AdaLoRA, VeRA, IA3, BEFT), plus BitFit (the
-biases of the same target layers and the head, a few lines over the plain model) and full
-fine-tuning. Learning rates and their sources are in ``configs/methods.json``.
+biases of the same target layers and the head, a few lines over the plain model), a linear probe
+(``head``: the new head alone) and full fine-tuning. Learning rates and their sources are in
+``configs/methods.json`` (with a family's own rate, e.g. ``"image"``, where it has one).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 VECTORFIT_METHODS = ("vectorfit", "no_avf", "sigma", "sigma_attn", "sigma_attn_bias")
 PEFT_METHODS = ("lora_r1", "lora_r8", "adalora", "vera", "ia3", "beft")
-PLAIN_METHODS = ("bitfit", "full")
+PLAIN_METHODS = ("bitfit", "head", "full")
 METHODS = VECTORFIT_METHODS + PEFT_METHODS + PLAIN_METHODS
 
 HEAD = ["classifier"]  # the new sequence-classification head of BERT-like and MPNet models
@@ -37,8 +38,10 @@ def method_table() -> dict[str, dict[str, Any]]:
     return table
 
 
-def default_lr(method: str) -> float:
-    return float(method_table()[method]["lr"])
+def default_lr(method: str, family: Optional[str] = None) -> float:
+    """The method's rate; with ``family`` (e.g. ``"image"``) that family's own rate where methods.json has one."""
+    entry = method_table()[method]
+    return float(entry.get(family, {}).get("lr", entry["lr"]) if family else entry["lr"])
 
 
 @dataclass
@@ -116,6 +119,9 @@ def build(
     avf_options: Optional[dict] = None,
     vectorfit_options: Optional[dict] = None,
     head: Optional[list] = None,
+    targets: Any = None,
+    peft_targets: Any = None,
+    bitfit_params: Optional[list] = None,
 ) -> Built:
     """Wrap ``base`` for ``method``.
 
@@ -130,6 +136,12 @@ def build(
         head: the new task head's module names, trained in full by every method; ``None`` = :data:`HEAD`
             (sequence classification); ``[]`` for a language model, whose output head is pretrained
             (and tied to the embeddings) and stays frozen, as peft does for ``CAUSAL_LM``.
+        targets: the layers to adapt (``VectorFitConfig.target_modules``: names or a full-match regex);
+            ``None`` = the architecture's default (q, k, v, o, f1, f2).
+        peft_targets: the peft baselines' ``target_modules`` where they differ from ``targets`` (peft's
+            LoRA refuses depthwise convolutions); ``None`` = the same layers.
+        bitfit_params: the parameters BitFit trains besides the head, where the targets have no biases
+            (a CNN's BatchNorm biases); ``None`` = the targets' biases.
 
     Returns:
         A :class:`Built`.
@@ -147,38 +159,46 @@ def build(
         if method == "vectorfit":
             opts = {k: v for k, v in (avf_options or {}).items() if v is not None}
             avf = AVFConfig.for_training(total_steps, steps_per_epoch, **opts)
-        cfg = VectorFitConfig(variant=method, modules_to_save=to_save, avf=avf, **(vectorfit_options or {}))
+        cfg = VectorFitConfig(variant=method, target_modules=targets, modules_to_save=to_save, avf=avf,
+                              **(vectorfit_options or {}))
         model = get_vectorfit_model(base, cfg)
         hook = model.avf.step if model.avf is not None else None
         return Built(model, {"library": "vectorfit", **cfg.to_dict()}, model.save_pretrained, before_optimizer_step=hook, avf=model.avf)
 
-    roles = target_module_names(base, VectorFitConfig(modules_to_save=to_save), with_roles=True)
-    targets = list(roles)
+    roles = target_module_names(base, VectorFitConfig(target_modules=targets, modules_to_save=to_save), with_roles=True)
+    names = list(roles)
 
     if method == "full":
         for p in base.parameters():
             p.requires_grad_(True)
         return Built(base, {"library": "torch", "trained": "all parameters"}, _save_plain(base))
 
-    if method == "bitfit":
+    if method in ("bitfit", "head"):  # head: a linear probe, only the new head trains
         for p in base.parameters():
             p.requires_grad_(False)
         trained = set()
-        for name in targets:
-            b = base.get_submodule(name).bias
-            if b is not None:
-                b.requires_grad_(True)
-                trained.add(f"{name}.bias")
+        own = [f"{n}.bias" for n in names] if bitfit_params is None else list(bitfit_params)
+        params = dict(base.named_parameters())
+        for name in own if method == "bitfit" else []:
+            if name in params:  # a target without a bias has none to train
+                params[name].requires_grad_(True)
+                trained.add(name)
         for name, p in base.named_parameters():
             if any(name == f"{h}.{n}" or f".{h}." in f".{name}" for h in heads for n in ("weight", "bias")):
                 p.requires_grad_(True)
                 trained.add(name)
-        return Built(base, {"library": "torch", "trained": "biases of the VectorFit targets + head", "targets": targets},
-                     _save_plain(base, trained))
+        what = ("the new head only" if method == "head" else "biases of the VectorFit targets + head"
+                if bitfit_params is None else "the given biases + head")
+        info = {"library": "torch", "trained": what, "targets": names}
+        if method == "bitfit" and bitfit_params is not None:
+            info["biases"] = sorted(trained)
+        return Built(base, info, _save_plain(base, trained))
 
     import peft
 
-    common = dict(target_modules=targets, modules_to_save=to_save)
+    if peft_targets is not None:  # the layers of ``names`` peft can adapt (e.g. no depthwise convolutions)
+        names = list(target_module_names(base, VectorFitConfig(target_modules=peft_targets, modules_to_save=to_save)))
+    common = dict(target_modules=names, modules_to_save=to_save)
     if method in ("lora_r1", "lora_r8"):
         r = 1 if method == "lora_r1" else 8
         pcfg = peft.LoraConfig(r=r, lora_alpha=options.get("lora_alpha", 2 * r), lora_dropout=0.0, **common)
@@ -193,7 +213,7 @@ def build(
     elif method == "vera":
         pcfg = peft.VeraConfig(r=options.get("r", 256), vera_dropout=0.0, **common)
     elif method == "ia3":
-        pcfg = peft.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if roles[t] == "mlp"], modules_to_save=to_save)
+        pcfg = peft.IA3Config(target_modules=names, feedforward_modules=[t for t in names if roles[t] == "mlp"], modules_to_save=to_save)
     elif method == "beft":
         # BEFT's own choice of biases (peft's default mapping: the value projections' biases).
         pcfg = peft.BeftConfig(modules_to_save=to_save)

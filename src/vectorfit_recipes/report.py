@@ -20,6 +20,7 @@ from .report_common import (  # noqa: F401 (ORDER re-exported: report.py was the
     strength_spread,
 )
 from .report_files import check_out, read_result, result_problem  # noqa: F401 (re-exported)
+from .vision_data import IMAGE_DATASETS
 
 
 def load_results(root: Path, suite_names: Optional[list[str]] = None, warn: Any = None) -> list[dict]:
@@ -306,7 +307,7 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
 
     # "converged" first: the table at a budget where the methods have converged is the headline
     order = ("converged", "converged-ablation", "converged-rates", "converged-rates-score", "curves-rates", "curves",
-             "recipe", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
+             "recipe", "vision", "vision-rates", "main-job-rate", "pooling", "main", "ablation", "sweep", "smoke")
     suites: list[str] = []
     # A suite whose runs (finished or not) are all runs of a suite shown above is not repeated: the
     # curves and recipe suites start with curves-rates' runs, and would show the same curves again.
@@ -345,9 +346,11 @@ def write_report(results_dir: Path, out_md: Path, notes: Optional[Path] = None, 
         # without settings of its own (those are listed apart below)
         runs = [r for r in with_partial if r["_suite"] == suite]
         typical = next((r for r in runs if r.get("method") not in own_settings), runs[0])
-        settings = {k: v for k, v in typical["config"].items()
-                    if k in ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size",
-                             "pooling", "eval_steps")}
+        shown = ("epochs", "max_steps", "max_train_examples", "max_eval_examples", "max_len", "batch_size", "pooling",
+                 "eval_steps")
+        if typical.get("task") in IMAGE_DATASETS:  # an image task: no tokens, no pooling; the image side instead
+            shown = tuple(k for k in shown if k not in ("max_len", "pooling")) + ("image_size",)
+        settings = {k: v for k, v in typical["config"].items() if k in shown}
         at = None if spec.get("read_at_step") is None else int(spec["read_at_step"])
         budget = spec.get("settings", {}).get("max_steps")
         if at is not None and budget not in (None, at):  # the curves' budget, not the table's

@@ -16,11 +16,12 @@ __all__ = ["ORDER", "LABELS", "as_fractions", "best_rate", "paired_cell", "paire
 
 #: The order of methods in every table and legend (methods not listed come last).
 ORDER = ("vectorfit", "no_avf", "sigma_attn_bias", "sigma", "sigma_attn", "lora_r1", "lora_r8", "adalora",
-         "vera", "ia3", "beft", "bitfit", "full")
+         "vera", "ia3", "beft", "bitfit", "head", "full")
 LABELS = {
     "vectorfit": "VectorFit", "no_avf": "VectorFit (no AVF)", "sigma": "VectorFit(Σ)", "sigma_attn": "VectorFit(Σa)",
     "sigma_attn_bias": "VectorFit(Σa+b)", "lora_r1": "LoRA r=1", "lora_r8": "LoRA r=8", "adalora": "AdaLoRA",
-    "vera": "VeRA", "ia3": "IA3", "beft": "BEFT", "bitfit": "BitFit", "full": "Full FT",
+    "vera": "VeRA", "ia3": "IA3", "beft": "BEFT", "bitfit": "BitFit", "head": "Head only",
+    "full": "Full FT",
 }
 
 

@@ -92,8 +92,12 @@ SPECTRA_METHODS = ("vectorfit", "no_avf", "full")
 
 
 def spectra_layers(base: Any) -> list[str]:
-    """First and last block's first attention matrix and first MLP matrix (4 layers)."""
+    """First and last block's first attention matrix and first MLP matrix (4 layers); a model that
+    names its own (``SPECTRA_LAYERS``, e.g. the image tasks' MobileNetV2) gets those."""
     from vectorfit import target_module_names
+
+    if hasattr(base, "SPECTRA_LAYERS"):
+        return list(base.SPECTRA_LAYERS)
 
     roles = target_module_names(base, with_roles=True)
     names = list(roles)
@@ -120,5 +124,6 @@ def delta_spectra(model: Any, layers: list[str], w_init: dict) -> dict:
                 delta = mod.weight.detach().float() - w_init[name].float()
             else:
                 delta = mod.delta_weight()
-            out[name] = [float(x) for x in torch.linalg.svdvals(delta.float())]
+            # a convolution's kernel as its matrix, out x (in/groups * kh * kw), as VectorFit decomposes it
+            out[name] = [float(x) for x in torch.linalg.svdvals(delta.float().reshape(delta.shape[0], -1))]
     return out

@@ -35,6 +35,7 @@ from . import distributed as dist_mod
 from . import run_info
 from . import models as models_mod
 from . import nlg
+from . import vision_task
 from .methods import METHODS, VECTORFIT_METHODS
 from .train_config import TrainConfig
 
@@ -101,6 +102,8 @@ def evaluate(model: Any, enc: _Encoded, metric: str, batch_size: int, device: An
              progress: bool = False, desc: str = "eval") -> float:
     if getattr(enc, "generation", False):  # a generation task: greedy decoding, ROUGE-L (nlg.py)
         return nlg.evaluate(model, enc, batch_size, device, progress, desc)
+    if getattr(enc, "images_task", False):  # an image task: accuracy (vision_task.py)
+        return vision_task.evaluate(model, enc, batch_size, device, progress, desc)
     import torch
     from tqdm.auto import tqdm
 
@@ -234,7 +237,9 @@ class Outcome:
 
 
 def prepare_data(cfg: TrainConfig, log: Any = print) -> RunData:
-    """Load the task, cap and tokenise its splits, and work out the run length."""
+    """Load the task, cap and tokenise its splits (image tasks: tensors, vision_task.py), and work out the run length."""
+    if vision_task.vision_data.is_image_task(cfg.task):
+        return _run_data(cfg, *vision_task.load_splits(cfg, log))
     import torch
 
     ds = data_mod.load_dataset(cfg.task)
@@ -251,11 +256,15 @@ def prepare_data(cfg: TrainConfig, log: Any = print) -> RunData:
             f"{max(map(len, enc[0].ids))} tokens, greedy decoding of at most {nlg.MAX_NEW_TOKENS} new tokens")
     else:
         enc = [_Encoded(tokenizer, ex, cfg.max_len, ds.info.is_regression) for ex in (train_ex, val_ex, test_ex)]
+    return _run_data(cfg, ds.info, ds.stats, enc)
+
+
+def _run_data(cfg: TrainConfig, info: Any, stats: dict, enc: list) -> RunData:
     steps_per_epoch = math.ceil(len(enc[0]) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    return RunData(ds.info, ds.stats, *enc, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+    return RunData(info, stats, *enc, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                    epochs=math.ceil(total_steps / steps_per_epoch))
 
 
@@ -266,12 +275,14 @@ def build_method(cfg: TrainConfig, data: RunData, log: Any = print) -> Setup:
 
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
-    generation = data.info.is_generation
+    generation, image, targets = data.info.is_generation, data.info.kind == "image", {}
     if generation:  # a pretrained language model as it is: no new head
         base = models_mod.load_causal_lm(cfg.model)
+    elif image:  # MobileNetV2, and the layers each method adapts on it (vision_task.py)
+        base, note, targets = vision_task.base_model(cfg, data.info.num_labels)
     else:
         base = models_mod.load_model(cfg.model, data.info.num_labels, pooling=cfg.pooling)
-    note = methods_mod.bias_note(base, cfg.method)
+    note = note if image else methods_mod.bias_note(base, cfg.method)
     if note:
         log(f"[vectorfit] {cfg.model}: {note}")
     t_wrap = time.perf_counter()
@@ -282,7 +293,7 @@ def build_method(cfg: TrainConfig, data: RunData, log: Any = print) -> Setup:
                        num_freezes=cfg.avf_num_freezes)
     vf_options = {"sigma_param": cfg.sigma_param} if cfg.method in VECTORFIT_METHODS else None
     built = methods_mod.build(cfg.method, base, data.total_steps, data.steps_per_epoch, avf_options=avf_options,
-                              vectorfit_options=vf_options, head=[] if generation else None)
+                              vectorfit_options=vf_options, head=[] if generation else None, **targets)
     wrap_s = time.perf_counter() - t_wrap
     built.model.to(device)
     trainable, total = built.parameter_counts()
@@ -309,7 +320,7 @@ def train_loop(cfg: TrainConfig, data: RunData, setup: Setup, log: Any = print) 
 
     model, built, device, metric = setup.built.model, setup.built, setup.device, data.info.metric
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr if cfg.lr is not None else methods_mod.default_lr(cfg.method)
+    lr = cfg.lr if cfg.lr is not None else methods_mod.default_lr(cfg.method, data.info.kind)
     if cfg.method in VECTORFIT_METHODS and (cfg.bias_lr_scale != 1.0 or cfg.head_lr is not None):
         from vectorfit import param_groups
 

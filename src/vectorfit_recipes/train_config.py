@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from . import data as data_mod
 from . import models as models_mod
+from . import vision_data
 from .methods import METHODS, VECTORFIT_METHODS
 
 __all__ = ["TrainConfig"]
@@ -24,9 +25,10 @@ class TrainConfig:
     """Settings of one training run. Every field is a command-line flag (``--max-len`` etc.)."""
 
     task: str = field(default="movie", metadata=_help(
-        "dataset to train and evaluate on", choices=tuple(data_mod.DATASETS)))
+        "dataset to train and evaluate on (mnist, fashion-mnist: image tasks)",
+        choices=tuple(data_mod.DATASETS) + tuple(vision_data.IMAGE_DATASETS)))
     model: str = field(default="minilm", metadata=_help(
-        "pretrained model", choices=tuple(models_mod.MODELS)))
+        "pretrained model (mobilenetv2: image tasks)", choices=tuple(models_mod.MODELS) + tuple(vision_data.IMAGE_MODELS)))
     method: str = field(default="vectorfit", metadata=_help(
         "fine-tuning method: a VectorFit variant (vectorfit = the full method with AVF) or a baseline "
         "(peft LoRA/AdaLoRA/VeRA/IA3/BEFT, BitFit, full fine-tuning)", choices=METHODS))
@@ -88,6 +90,8 @@ class TrainConfig:
     eval_steps: Optional[str] = field(default=None, metadata=_help(
         "comma-separated optimizer steps (e.g. 64,128,256) at which validation and test are measured: "
         "the learning curve in the result's 'curve'; none = no curve"))
+    image_size: int = field(default=32, metadata=_help(
+        "image tasks: the side in pixels the 28x28 images are resized to (bilinear) before the network"))
 
     def curve_steps(self) -> list[int]:
         """``eval_steps`` as a sorted list of distinct step numbers (empty if none)."""
@@ -104,8 +108,13 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not available; choose one of {', '.join(METHODS)}")
-        generation = data_mod.get_dataset_info(self.task).is_generation
-        causal = models_mod.get_model_info(self.model).kind == "causal"
+        image, image_model = vision_data.is_image_task(self.task), self.model in vision_data.IMAGE_MODELS
+        if image != image_model:
+            raise ValueError(f"--task {self.task} is {'an image' if image else 'a text'} task and --model {self.model} "
+                             f"{'an image' if image_model else 'a text'} model; use --model "
+                             + (" or ".join(vision_data.IMAGE_MODELS) if image else "minilm (or another text model)"))
+        generation = not image and data_mod.get_dataset_info(self.task).is_generation
+        causal = not image_model and models_mod.get_model_info(self.model).kind == "causal"
         if generation != causal:
             fit = [m.name for m in models_mod.MODELS.values() if (m.kind == "causal") == generation]
             raise ValueError(f"--task {self.task} is a {'generation' if generation else 'classification'} task and "
@@ -123,7 +132,7 @@ class TrainConfig:
                                                       or self.sigma_param != "absolute"):
             raise ValueError(f"--bias-lr-scale, --head-lr and --sigma-param apply to the VectorFit methods "
                              f"({', '.join(VECTORFIT_METHODS)}), not to --method {self.method}")
-        for name in ("epochs", "max_len", "batch_size", "eval_batch_size", "avf_k"):
+        for name in ("epochs", "max_len", "batch_size", "eval_batch_size", "avf_k", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_examples", "max_eval_examples", "threads",
@@ -223,6 +232,8 @@ def trained_vector_count(model: str, method: str) -> Optional[int]:
     (built on the ``meta`` device: no weights read), or ``None`` if the model is not cached yet."""
     from . import assets
 
+    if model in vision_data.IMAGE_MODELS:  # not a transformers folder; AVF checks k when it is built
+        return None
     info = models_mod.get_model_info(model)
     if not assets.is_fetched(info.asset):
         return None
