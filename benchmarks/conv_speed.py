@@ -40,8 +40,6 @@ Prints the exact command, versions, machine and load average; ``--out FILE`` als
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -54,6 +52,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _memory import status_kb, trim  # noqa: E402
+
 METHODS = ("full", "vectorfit", "vectorfit_nodw", "lora_r1", "lora_r8", "bitfit", "head")
 NUM_CLASSES = 10
 AVF = dict(start_step=2, interval=2, num_freezes=10_000)  # AVF active during the timed steps
@@ -178,21 +179,6 @@ def measure_steps(methods: list, res: int, batch_size: int, warmup: int, steps: 
 
 
 # ================================================================================ memory
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _saved_for_backward_mb(model, x, y) -> float:
     """Distinct storages autograd keeps between one training forward and its backward, less the
     model's own parameters and buffers (exact bytes, not RSS)."""
@@ -228,16 +214,16 @@ def memory_child(spec: str) -> None:
         peft.get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), cfg)
     x, y = batch(int(batch_size), int(res))
     base = vision.load_mobilenet_v2(NUM_CLASSES)
-    _trim()
-    rss0 = _status_kb("VmRSS")  # interpreter + libraries + the base model + the batch
+    trim()
+    rss0 = status_kb("VmRSS")  # interpreter + libraries + the base model + the batch
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
     run = Run(method, base)
     del base
-    _trim()
-    rss_setup = _status_kb("VmRSS")
+    trim()
+    rss_setup = status_kb("VmRSS")
     for _ in range(int(steps)):
         run.step(x, y)
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     saved = _saved_for_backward_mb(run.model, x, y)
     print(json.dumps({"peak_mb": (hwm - rss0) / 1024, "after_setup_mb": (rss_setup - rss0) / 1024, "saved_mb": saved}))
 

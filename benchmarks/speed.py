@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import os
@@ -59,6 +58,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _memory import status_kb, trim  # noqa: E402
 
 # vectorfit_lowmem: the same VectorFit model trained in low-memory mode (vectorfit.low_memory).
 VECTORFIT_METHODS = ("vectorfit", "vectorfit_lowmem")
@@ -275,21 +275,6 @@ def versions() -> dict:
             "vectorfit": vectorfit.__version__}
 
 
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 # ================================================================================ measurements
 def measure_steps(runs: dict, batch: dict, autocast: bool, warmup: int, steps: int) -> dict:
     """Median step time per method and mode, all interleaved round-robin."""
@@ -351,7 +336,7 @@ def measure_setup(base: torch.nn.Module, reps: int) -> dict:
         build("lora", m)
         out["lora_s"].append(time.perf_counter() - t0)
         del m
-        _trim()
+        trim()
     res = {k: median(v) for k, v in out.items()}
     res["raw"] = out
     res["warm_over_cold"] = res["vectorfit_warm_s"] / res["vectorfit_cold_s"]
@@ -425,19 +410,19 @@ def _memory_child(spec: str) -> None:
 
     batch = make_batch(load_config(cfg["model"]), cfg["batch"], cfg["seq"])
     base = load_base(cfg["model"])
-    _trim()
-    rss0 = _status_kb("VmRSS")  # interpreter + libraries + the base model
+    trim()
+    rss0 = status_kb("VmRSS")  # interpreter + libraries + the base model
     Path("/proc/self/clear_refs").write_text("5")
     run = Run(method, base)
     del base
-    _trim()
-    rss_setup = _status_kb("VmRSS")
-    hwm_setup = _status_kb("VmHWM")
+    trim()
+    rss_setup = status_kb("VmRSS")
+    hwm_setup = status_kb("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")
     run.model.train()
     for _ in range(int(steps)):
         run.step(batch, cfg["autocast"])
-    hwm_train = _status_kb("VmHWM")
+    hwm_train = status_kb("VmHWM")
     saved_mb = _saved_for_backward_mb(run, batch, cfg["autocast"])  # after the peak was read
     print(json.dumps({
         "peak_mb": (max(hwm_setup, hwm_train) - rss0) / 1024,
@@ -696,7 +681,7 @@ def profile_config(key: str, args: argparse.Namespace) -> dict:
                              "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["self_ms"])[:25])}
         del run, prof
         gc.collect()
-        _trim()  # give the freed model back: four BERT-base runs in one process can exhaust 24 GB
+        trim()  # give the freed model back: four BERT-base runs in one process can exhaust 24 GB
     ref = out["methods"].get("lora")
     print(f"{'method':16s} {'step ms':>8s} {'GEMM ms':>8s} {'GEMM GMAC':>10s} {'GMAC/s':>7s} {'dropout':>8s} {'other ms':>9s}"
           + ("  vs lora: GEMM GMAC, step" if ref else ""))
