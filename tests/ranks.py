@@ -36,8 +36,17 @@ def _rank_main(rank: int, fn: Callable, deadline_s: float, *args) -> None:
     faulthandler.dump_traceback_later(deadline_s, exit=True, file=sys.stderr)
     try:
         fn(rank, *args)
-    finally:
+    except BaseException:
         faulthandler.cancel_dump_traceback_later()
+        raise  # torch.multiprocessing reports it to the parent
+    # The rank's work is done and its results are written. Leave without running destructors:
+    # freeing a DDP model and a gloo group as the worker's frame is torn down once blocked rank 0
+    # for good in CI (its stack dump showed it inside the call above, after the worker returned),
+    # which would fail a test whose results were already complete.
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(fn: Callable, args: tuple, nprocs: int, deadline_s: float = RANK_DEADLINE_S) -> None:

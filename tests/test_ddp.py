@@ -47,6 +47,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         history, vectors = _train(model, ddp, rank, WORLD)
         torch.save({"history": history, "vectors": vectors}, os.path.join(out_dir, f"rank{rank}.pt"))
+        del ddp  # before its process group goes
     finally:
         dist.destroy_process_group()
 

@@ -89,6 +89,7 @@ def _worker(rank: int, init_file: str, out_dir: str, cache_dir: str) -> None:
             opt.step()
             opt.zero_grad()
         out["trained"] = {n: p.detach().clone() for n, p in model.trainable_vectors().items()}
+        del ddp  # before its process group goes
     finally:
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
