@@ -59,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import speed  # noqa: E402  (machine information, versions, medians, paired ratios, _materialise)
+from _memory import trim  # noqa: E402
 
 METHODS = ("base", "vectorfit_unmerged", "vectorfit_merged", "lora_unmerged", "lora_merged")
 OPTIONAL = ("vectorfit_factorised",)
@@ -131,7 +132,7 @@ def build_models(base: torch.nn.Module, methods: list) -> dict[str, torch.nn.Mod
             out["lora_unmerged"] = lora
     for m in out.values():
         m.eval()
-    speed._trim()
+    trim()
     return {m: out[m] for m in methods}
 
 
@@ -254,7 +255,7 @@ def main(argv: Optional[list] = None) -> dict:
     models = build_models(base, methods)
     setup_s = time.perf_counter() - t0
     del base
-    speed._trim()
+    trim()
     results = {}
     for b in batches:
         print(f"batch {b}: {len(methods)} methods x ({args.warmup} warm-up + {repeats}) generate calls ...", flush=True)

@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import speed  # noqa: E402  (model loading, inputs, machine info: shared with the speed benchmark)
+from _memory import status_kb  # noqa: E402
 
 ROWS = 16
 SPREADS = (1, 4, 16)
@@ -59,7 +60,7 @@ NEW_TOKENS = 16
 
 
 def _rss_mb() -> float:
-    return speed._status_kb("VmRSS") / 1024
+    return status_kb("VmRSS") / 1024
 
 
 @torch.no_grad()
