@@ -278,11 +278,8 @@ class AdaptersMixin:
                 avfs[adapter_name].load_state_dict(avf_state)
         new_config.inference_mode = self.peft_config[adapter_name].inference_mode
         self.peft_config[adapter_name] = new_config
-        for _, layer in self.vectorfit_layers():
-            if adapter_name in layer.merged_adapters:
-                names = list(layer.merged_adapters)
-                layer.unmerge()
-                layer.merge(adapter_names=names)
+        # A merged layer sees that its vectors changed (their in-place versions) and merges again at its
+        # next forward: VectorFitLayer._refresh_merge, the same path any other in-place change takes.
 
 
 class _Shim(nn.Module):

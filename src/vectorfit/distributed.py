@@ -204,9 +204,8 @@ def decompose(cache, matrix: Tensor, key: str, name: str) -> tuple[Tensor, Tenso
         ``(U, S, Vh)`` in float32 on the CPU.
 
     Raises:
-        DistributedError: on every rank, when some rank decomposes another module than rank 0 (the
-            configurations differ) or its weight has another fingerprint than rank 0's, and on ranks
-            other than 0 when rank 0 failed (rank 0 raises its own error).
+        DistributedError: on every rank, when some rank's weight has another fingerprint than rank 0's,
+            and on ranks other than 0 when rank 0 failed (rank 0 raises its own error).
         TargetError: on rank 0, for a weight holding NaN/Inf (from the cache).
     """
     if not shared_decomposition_active():
@@ -220,10 +219,11 @@ def decompose(cache, matrix: Tensor, key: str, name: str) -> tuple[Tensor, Tenso
             factors = cache.get_or_compute(matrix, key=key, name=name)
         except Exception as e:  # re-raised below, after the other ranks have been told
             error = e
-    mine = torch.cat([_digest(key), _digest(name)])
-    # Header: [failed on rank 0?] + rank 0's fingerprint digest + its module name's digest. Rank 0's
-    # failure must reach the others, or they would wait in the payload broadcast below until the
-    # group's timeout. The name tells "other weights" from "other targets" (different configs).
+    mine = _digest(key)
+    # Header: [failed on rank 0?] + rank 0's fingerprint digest. Rank 0's failure must reach the
+    # others, or they would wait in the payload broadcast below until the group's timeout. (That
+    # every rank decomposes the same modules in the same order was checked before any of them, by
+    # check_same_targets.)
     header = torch.cat([torch.tensor([int(error is not None)], dtype=torch.uint8), mine]).to(device)
     dist.broadcast(header, src=0)
     header = header.cpu()
@@ -231,26 +231,12 @@ def decompose(cache, matrix: Tensor, key: str, name: str) -> tuple[Tensor, Tenso
         if error is not None:
             raise error
         raise DistributedError(f"rank 0 could not decompose module {name!r}; its own error (in rank 0's output) says why")
-    other_module = not torch.equal(header[33:], mine[32:])
-    other_weight = not torch.equal(header[1:33], mine[:32])
-    differs = torch.tensor([int(other_module), int(other_weight)], dtype=torch.int64, device=device)
+    other_weight = not torch.equal(header[1:], mine)
+    differs = torch.tensor([int(other_weight)], dtype=torch.int64, device=device)
     dist.all_reduce(differs)  # every rank learns whether any rank differs, so all fail together
-    n_module, n_weight = (int(v) for v in differs.cpu())
-    if n_module:
-        # Only on this error path: every rank learns every rank's module name, for a precise message.
-        names: list = [None] * world
-        dist.all_gather_object(names, name)
-        r = next(i for i, n in enumerate(names) if n != names[0])
+    if int(differs.item()):
         raise DistributedError(
-            f"rank {r} is decomposing module {names[r]!r} while rank 0 is decomposing module {names[0]!r}: the "
-            f"VectorFit configurations (targets) differ between ranks ({n_module} of {world} ranks). Every rank must "
-            "build the same VectorFit model (same base model and the same VectorFitConfig: target_modules, "
-            "exclude_modules, variant, modules_to_save) in the same order; build a model on some ranks only inside "
-            "vectorfit.distributed.local_decomposition()"
-        )
-    if n_weight:
-        raise DistributedError(
-            f"module {name!r}: the base weight differs between ranks ({n_weight} of {world} ranks have "
+            f"module {name!r}: the base weight differs between ranks ({int(differs.item())} of {world} ranks have "
             f"another fingerprint than rank 0; this rank {'does' if other_weight else 'does not'}). "
             "Every rank must load the same base model (same checkpoint, dtype and modifications) before "
             "get_vectorfit_model / VectorFitModel.from_pretrained"

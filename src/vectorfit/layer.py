@@ -383,11 +383,6 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
         # generate() may repeat each row (beams, num_return_sequences) with repeat_interleave.
         index = index.repeat_interleave(x.shape[0] // index.numel())
         pairs = [self.effective_vectors([n]) if n != BASE else (self.sigma0, self._base_bias()) for n in names]
-        biases = [b for _, b in pairs]
-        if any(b is not None for b in biases):
-            B = torch.stack([(b if b is not None else torch.zeros_like(self.bias0)).float() for b in biases])
-        else:
-            B = None
         if self.conv2d:  # one convolution per adapter over its rows (the kernel differs per adapter)
             out = None
             for i, (s, b) in enumerate(pairs):
@@ -398,6 +393,11 @@ class VectorFitLayer(nn.Module, BaseTunerLayer):
                     out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
                     out[rows] = y
             return out
+        biases = [b for _, b in pairs]
+        if any(b is not None for b in biases):
+            B = torch.stack([(b if b is not None else torch.zeros_like(self.bias0)).float() for b in biases])
+        else:
+            B = None
         if not self.decomposed:
             return mixed_rows_linear(x, index, B, W=matrix_of(self.base_layer))
         S = torch.stack([s.float() for s, _ in pairs])
